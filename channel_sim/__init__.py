@@ -1,0 +1,1 @@
+"""Wireless channel emulator: channel models (library) and the gRPC proxy service."""

@@ -1,0 +1,1 @@
+"""Metrics and logging conventions shared by every MEG service."""
