@@ -103,7 +103,8 @@ def _upstream_error(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
 class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
     def __init__(self, edge_target: str, metrics: MegMetrics,
                  channel_credentials: grpc.ChannelCredentials | None = None) -> None:
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        # round_robin: with a headless edge Service (dns:///edge-headless...), spread requests over the edge fleet.
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.lb_policy_name", "round_robin")]
         self._upstream = (grpc.aio.secure_channel(edge_target, channel_credentials, options=options)
                           if channel_credentials else grpc.aio.insecure_channel(edge_target, options=options))
         self._stub = meg_pb2_grpc.EdgeGenerationStub(self._upstream)

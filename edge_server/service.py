@@ -160,7 +160,9 @@ class EdgeServicer(meg_pb2_grpc.EdgeGenerationServicer):
 def grpc_server_options() -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
-            ("grpc.keepalive_time_ms", 20_000)]
+            ("grpc.keepalive_time_ms", 20_000),
+            # Recycle connections so channel emulators discover edge pods the autoscaler adds.
+            ("grpc.max_connection_age_ms", 60_000), ("grpc.max_connection_age_grace_ms", 120_000)]
 
 
 async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
