@@ -59,6 +59,7 @@ class DeviceConfig:
     default_guidance: float = 4.0
     default_codec: str = "raw-fp16"
     api_keys: tuple[str, ...] = ()
+    tls_dir: Path | None = None     # mutual TLS towards the channel emulator (`meg certs`)
 
     @staticmethod
     def keys_from_env() -> tuple[str, ...]:
@@ -113,7 +114,12 @@ def create_app(config: DeviceConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.link = DeviceLink(DeviceLinkConfig(config.channel))
+        credentials = None
+        if config.tls_dir is not None:
+            from security.tls import channel_credentials
+
+            credentials = channel_credentials(config.tls_dir, "device")
+        state.link = DeviceLink(DeviceLinkConfig(config.channel), credentials)
         # Load the decoders before the first request, so its latency is not a cold start.
         for kind in state.decoders.available():
             await asyncio.to_thread(state.decoders.get, kind)

@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--model-dir", type=Path, default=None)
     up.add_argument("--max-batch", type=int, default=8)
     up.add_argument("--batch-window-ms", type=float, default=10.0)
+    up.add_argument("--tls-dir", type=Path, default=None, help="mutual TLS between the services (see `meg certs`)")
 
     edge = sub.add_parser("edge", help="run the edge gRPC server")
     _add_common(edge)
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     edge.add_argument("--max-batch", type=int, default=8, help="1 disables batching")
     edge.add_argument("--batch-window-ms", type=float, default=10.0)
     edge.add_argument("--max-queue", type=int, default=64)
+    edge.add_argument("--tls-dir", type=Path, default=None, help="serve mutual TLS with certs from `meg certs`")
 
     channel = sub.add_parser("channel", help="run the channel emulator (gRPC proxy)")
     _add_common(channel)
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     channel.add_argument("--port", type=int, default=50052)
     channel.add_argument("--metrics-port", type=int, default=9102, help="0 disables")
     channel.add_argument("--edge", default="127.0.0.1:50051", help="edge address host:port")
+    channel.add_argument("--tls-dir", type=Path, default=None, help="mutual TLS on both hops (see `meg certs`)")
 
     device = sub.add_parser("device", help="run the device REST client")
     _add_common(device)
@@ -69,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     device.add_argument("--model-dir", type=Path, default=None)
     device.add_argument("--request-timeout-s", type=float, default=120.0)
     device.add_argument("--max-in-flight", type=int, default=64)
+    device.add_argument("--tls-dir", type=Path, default=None, help="mutual TLS towards the channel emulator")
 
     gen = sub.add_parser("generate", help="send one prompt to a running device and save the image")
     gen.add_argument("prompt")
@@ -97,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--grpc", help="host:port of a gRPC service (grpc.health.v1)")
     group.add_argument("--http", help="URL answering 200 when healthy")
     probe.add_argument("--timeout", type=float, default=3.0)
+    probe.add_argument("--tls-dir", type=Path, default=None, help="probe a mutual-TLS gRPC service")
+
+    certs = sub.add_parser("certs", help="write a testbed CA and per-service certificates for mutual TLS")
+    certs.add_argument("out_dir", type=Path)
+    certs.add_argument("--days", type=int, default=365)
+    certs.add_argument("--host", action="append", default=[], help="extra DNS name for every certificate")
 
     train = sub.add_parser("train", help="train the embedded model family (see `meg train --help`)", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER)
@@ -122,7 +132,12 @@ def cmd_edge(args: argparse.Namespace) -> int:
                         engine=EngineConfig(max_batch=args.max_batch, window_ms=args.batch_window_ms,
                                             max_queue=args.max_queue))
     try:
-        asyncio.run(serve(config))
+        credentials = None
+        if args.tls_dir is not None:
+            from security.tls import server_credentials
+
+            credentials = server_credentials(args.tls_dir, "edge")
+        asyncio.run(serve(config, credentials=credentials))
     except (ModelFolderError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2
@@ -134,8 +149,15 @@ def cmd_channel(args: argparse.Namespace) -> int:
 
     configure_logging("channel", args.log_level)
     try:
+        server_creds = upstream_creds = None
+        if args.tls_dir is not None:
+            from security.tls import channel_credentials, server_credentials
+
+            server_creds = server_credentials(args.tls_dir, "channel")
+            upstream_creds = channel_credentials(args.tls_dir, "channel")
         asyncio.run(serve(ChannelServiceConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
-                                               edge=args.edge)))
+                                               edge=args.edge), credentials=server_creds,
+                          upstream_credentials=upstream_creds))
     except OSError as exc:
         log.error("%s", exc)
         return 2
@@ -150,7 +172,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     configure_logging("device", args.log_level)
     config = DeviceConfig(host=args.host, port=args.port, channel=args.channel, model_dir=_model_dir(args.model_dir),
                           request_timeout_s=args.request_timeout_s, max_in_flight=args.max_in_flight,
-                          api_keys=DeviceConfig.keys_from_env())
+                          api_keys=DeviceConfig.keys_from_env(), tls_dir=args.tls_dir)
     if not config.api_keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.error("refusing to listen on %s without an API key: set MEG_API_KEY or bind 127.0.0.1", args.host)
         return 2
@@ -182,15 +204,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     meg = [sys.executable, "-m", "meg_cli.main"]
     model = ["--model-dir", str(_model_dir(args.model_dir))]
     common = ["--log-level", args.log_level]
+    tls = ["--tls-dir", str(args.tls_dir)] if args.tls_dir else []
     specs = [
         ("edge", [*meg, "edge", "--host", args.host, "--port", str(args.edge_port),
                   "--metrics-port", str(args.edge_metrics_port), "--max-batch", str(args.max_batch),
-                  "--batch-window-ms", str(args.batch_window_ms), *model, *common]),
+                  "--batch-window-ms", str(args.batch_window_ms), *model, *common, *tls]),
         ("channel", [*meg, "channel", "--host", args.host, "--port", str(args.channel_port),
                      "--metrics-port", str(args.channel_metrics_port), "--edge", f"{args.host}:{args.edge_port}",
-                     *common]),
+                     *common, *tls]),
         ("device", [*meg, "device", "--host", args.host, "--port", str(args.device_port),
-                    "--channel", f"{args.host}:{args.channel_port}", *model, *common]),
+                    "--channel", f"{args.host}:{args.channel_port}", *model, *common, *tls]),
     ]
     prometheus = None if args.no_prometheus else shutil.which("prometheus")
     if prometheus:
@@ -287,12 +310,26 @@ def cmd_probe(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.grpc) as ch:
+    if args.tls_dir is not None:
+        from security.tls import channel_credentials
+
+        channel = grpc.secure_channel(args.grpc, channel_credentials(args.tls_dir, "device"))
+    else:
+        channel = grpc.insecure_channel(args.grpc)
+    with channel as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
         except grpc.RpcError:
             return 1
     return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from security.tls import generate_testbed_certs
+
+    for path in generate_testbed_certs(args.out_dir, args.days, tuple(args.host)):
+        print(path)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -311,7 +348,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"up": cmd_up, "edge": cmd_edge, "channel": cmd_channel, "device": cmd_device,
-                "generate": cmd_generate, "probe": cmd_probe, "train": cmd_train, "bench": cmd_bench}
+                "generate": cmd_generate, "probe": cmd_probe, "certs": cmd_certs, "train": cmd_train, "bench": cmd_bench}
     return handlers[args.command](args)
 
 

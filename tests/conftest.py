@@ -50,6 +50,8 @@ def testbed_model_dir(tiny_model_dir: Path) -> Path:
 class Testbed:
     """Three service processes on free loopback ports."""
 
+    __test__ = False  # a helper, not a test class
+
     model_dir: Path
     edge_port: int = field(default_factory=free_port)
     channel_port: int = field(default_factory=free_port)
@@ -58,6 +60,7 @@ class Testbed:
     channel_metrics_port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
     edge_args: list[str] = field(default_factory=list)
+    channel_args: list[str] = field(default_factory=list)
     device_args: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: Path | None = None
@@ -73,7 +76,7 @@ class Testbed:
                     "--model-dir", str(self.model_dir), *self.edge_args]
         if name == "channel":
             return [*meg, "channel", "--port", str(self.channel_port), "--metrics-port",
-                    str(self.channel_metrics_port), "--edge", f"127.0.0.1:{self.edge_port}"]
+                    str(self.channel_metrics_port), "--edge", f"127.0.0.1:{self.edge_port}", *self.channel_args]
         return [*meg, "device", "--port", str(self.device_port), "--channel", f"127.0.0.1:{self.channel_port}",
                 "--model-dir", str(self.model_dir), "--request-timeout-s", "60", *self.device_args]
 

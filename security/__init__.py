@@ -1,0 +1,1 @@
+"""Transport security shared by the services: testbed certificates and gRPC TLS credentials."""
