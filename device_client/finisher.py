@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from models.denoising import DenoiseRows, run_steps
+from models.denoising import DenoiseRows, run_steps, unet_predictor
 
 
 class SplitFinisher:
@@ -56,10 +56,10 @@ class SplitFinisher:
             embeds = text_encoder(tokens.input_ids.to(self.device))[0]
         scheduler = sched_cls.from_config(sched_config)
         scheduler.set_timesteps(total_steps, device=self.device)
-        rows = DenoiseRows(noisy_latents.to(self.device), embeds[:1], embeds[1:],
-                           torch.tensor([guidance_scale], device=self.device))
+        rows = DenoiseRows(noisy_latents.to(self.device), {"encoder_hidden_states": embeds[:1]},
+                           {"encoder_hidden_states": embeds[1:]}, torch.tensor([guidance_scale], device=self.device))
         # Multistep schedulers track their own step index; advance it past the edge's steps.
         if hasattr(scheduler, "_step_index"):
             scheduler._step_index = split_step
-        rows = run_steps(unet, scheduler, rows, scheduler.timesteps[split_step:])
+        rows = run_steps(unet_predictor(unet), scheduler, rows, scheduler.timesteps[split_step:])
         return (rows.latents / scaling).cpu()

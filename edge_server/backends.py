@@ -17,7 +17,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from models.denoising import DenoiseRows, initial_noise, run_steps
+from models.denoising import Conditioning, DenoiseRows, Predictor, initial_noise, run_steps, unet_predictor
 
 log = logging.getLogger(__name__)
 
@@ -140,36 +140,37 @@ def _scheduler_from_folder(folder: Path) -> Callable[[], object]:
     return lambda: cls.from_config(config)
 
 
-@register_backend("ldm")
-class LatentDiffusionBackend(TextToImageBackend):
-    """Stable-Diffusion-1.x-style: CLIP tokenizer + text encoder, UNet2DConditionModel, any diffusers
-    scheduler. The embedded ``shapes_v1`` family and SD 1.5 both load here."""
+class DiffusersBackend(TextToImageBackend):
+    """Shared batch loop of the diffusers families: subclasses load components and say how to encode
+    prompts, predict noise and map final latents to the VAE's input space."""
 
     def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         super().__init__(path, device, dtype)
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        require_subfolders(path, ["tokenizer", "text_encoder", "unet", "scheduler", "vae"])
-        self.tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True,
-                                                          torch_dtype=dtype).to(self.device).eval()
-        self.unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True,
-                                                         torch_dtype=dtype).to(self.device).eval()
-        self._new_scheduler = _scheduler_from_folder(path / "scheduler")
         vae_config = json.loads((path / "vae" / "config.json").read_text())
         self._scaling = float(vae_config.get("scaling_factor", 0.18215))
+        self._shift = float(vae_config.get("shift_factor") or 0.0)
         self._vae_factor = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
-        self._uncond_cache: torch.Tensor | None = None
-        log.info("loaded %s backend from %s on %s (%s)", self.family, path, self.device, dtype)
+        self._new_scheduler = _scheduler_from_folder(path / "scheduler")
+        self._uncond_cache: Conditioning | None = None
 
+    # -- what a family provides ------------------------------------------------------------------------
+    latent_channels: int = 4
+    sample_size: int = 64
+
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: Sequence[str], height: int, width: int) -> Conditioning: ...
+
+    @abc.abstractmethod
+    def predictor(self) -> Predictor: ...
+
+    # -- shared ----------------------------------------------------------------------------------------
     @property
     def vae_scaling_factor(self) -> float:
         return self._scaling
 
     @property
     def default_size(self) -> int:
-        return int(self.unet.config.sample_size) * self._vae_factor
+        return int(self.sample_size) * self._vae_factor
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         height, width = height or self.default_size, width or self.default_size
@@ -177,31 +178,27 @@ class LatentDiffusionBackend(TextToImageBackend):
             if v % self._vae_factor or not (self._vae_factor <= v <= 4096):
                 raise ValueError(f"{name} must be a multiple of {self._vae_factor} in "
                                  f"[{self._vae_factor}, 4096], got {v}")
-        return int(self.unet.config.in_channels), height // self._vae_factor, width // self._vae_factor
+        return int(self.latent_channels), height // self._vae_factor, width // self._vae_factor
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        with torch.inference_mode():
-            return self.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
-
-    def _uncond(self, n: int) -> torch.Tensor:
+    def _uncond(self, n: int, height: int, width: int) -> Conditioning:
         if self._uncond_cache is None:
-            self._uncond_cache = self.encode_prompts([""])
-        return self._uncond_cache.expand(n, -1, -1)
+            self._uncond_cache = self.encode_prompts([""], height, width)
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond_cache.items()}
 
     def generate(self, items: Sequence[BatchItem], steps: int, shape: tuple[int, int, int], split_step: int
                  ) -> BatchResult:
         import time
 
+        height, width = shape[1] * self._vae_factor, shape[2] * self._vae_factor
         t0 = time.perf_counter()
-        cond = self.encode_prompts([it.prompt for it in items])
-        uncond = self._uncond(len(items))
+        with torch.inference_mode():
+            cond = self.encode_prompts([it.prompt for it in items], height, width)
+            uncond = self._uncond(len(items), height, width)
         t1 = time.perf_counter()
         scheduler = self._new_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
         latents = initial_noise([it.seed for it in items], shape, self.dtype, self.device)
-        latents = latents * scheduler.init_noise_sigma
+        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
         guidance = torch.tensor([it.guidance_scale for it in items], device=self.device)
         rows = DenoiseRows(latents, cond, uncond, guidance)
         alive = list(range(len(items)))  # batch row -> item index
@@ -213,10 +210,104 @@ class LatentDiffusionBackend(TextToImageBackend):
             alive[:] = [i for i, k in zip(alive, mask) if k]
 
         timesteps = scheduler.timesteps if split_step == 0 else scheduler.timesteps[:split_step]
-        rows = run_steps(self.unet, scheduler, rows, timesteps, keep, on_drop)
+        rows = run_steps(self.predictor(), scheduler, rows, timesteps, keep, on_drop)
         t2 = time.perf_counter()
         out: list[torch.Tensor | None] = [None] * len(items)
-        final = rows.latents if split_step else rows.latents / self._scaling
+        # The device's decoder takes what diffusers hands the VAE: latents / scaling (+ shift for SD3).
+        final = rows.latents if split_step else rows.latents / self._scaling + self._shift
         for row, i in enumerate(alive):
             out[i] = final[row].detach().to("cpu", torch.float32)
         return BatchResult(out, t1 - t0, t2 - t1)
+
+
+@register_backend("ldm")
+class LatentDiffusionBackend(DiffusersBackend):
+    """Stable-Diffusion-1.x-style: CLIP tokenizer + text encoder, UNet2DConditionModel, any diffusers
+    scheduler. The embedded ``shapes_v1`` family and SD 1.5 both load here."""
+
+    def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        require_subfolders(path, ["tokenizer", "text_encoder", "unet", "scheduler", "vae"])
+        super().__init__(path, device, dtype)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True,
+                                                          torch_dtype=dtype).to(self.device).eval()
+        self.unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True,
+                                                         torch_dtype=dtype).to(self.device).eval()
+        self.latent_channels = int(self.unet.config.in_channels)
+        self.sample_size = int(self.unet.config.sample_size)
+        log.info("loaded %s backend from %s on %s (%s)", self.family, path, self.device, dtype)
+
+    def encode_prompts(self, prompts: Sequence[str], height: int, width: int) -> Conditioning:
+        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
+        return {"encoder_hidden_states": hidden}
+
+    def predictor(self) -> Predictor:
+        return unet_predictor(self.unet)
+
+
+@register_backend("sdxl")
+class StableDiffusionXLBackend(DiffusersBackend):
+    """SDXL: two CLIP text encoders (pooled embeddings + size/crop time ids as added conditioning).
+    Prompt encoding reuses diffusers' own ``StableDiffusionXLPipeline.encode_prompt``."""
+
+    def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        require_subfolders(path, ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet",
+                                  "scheduler", "vae"])
+        super().__init__(path, device, dtype)
+        from diffusers import StableDiffusionXLPipeline
+
+        self.pipe = StableDiffusionXLPipeline.from_pretrained(path, vae=None, use_safetensors=True,
+                                                              torch_dtype=dtype).to(self.device)
+        self.unet = self.pipe.unet.eval()
+        self.latent_channels = int(self.unet.config.in_channels)
+        self.sample_size = int(self.unet.config.sample_size)
+
+    def encode_prompts(self, prompts: Sequence[str], height: int, width: int) -> Conditioning:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(list(prompts), device=self.device,
+                                                       num_images_per_prompt=1, do_classifier_free_guidance=False)
+        projection = self.pipe.text_encoder_2.config.projection_dim
+        time_ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=embeds.dtype,
+                                               text_encoder_projection_dim=projection)
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled,
+                "time_ids": time_ids.to(self.device).expand(len(prompts), -1)}
+
+    def predictor(self) -> Predictor:
+        return unet_predictor(self.unet)
+
+
+@register_backend("sd3")
+class StableDiffusion3Backend(DiffusersBackend):
+    """SD3: CLIP-L, CLIP-G and (optional) T5 text encoders, an MMDiT transformer denoiser, 16-channel
+    latents and a flow-matching scheduler. Prompt encoding reuses ``StableDiffusion3Pipeline.encode_prompt``
+    (without ``text_encoder_3/`` the T5 part is zeros, as diffusers does)."""
+
+    def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        require_subfolders(path, ["tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer",
+                                  "scheduler", "vae"])
+        super().__init__(path, device, dtype)
+        from diffusers import StableDiffusion3Pipeline
+
+        extra = {} if (path / "text_encoder_3").is_dir() else {"text_encoder_3": None, "tokenizer_3": None}
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(path, vae=None, use_safetensors=True,
+                                                             torch_dtype=dtype, **extra).to(self.device)
+        self.transformer = self.pipe.transformer.eval()
+        self.latent_channels = int(self.transformer.config.in_channels)
+        self.sample_size = int(self.transformer.config.sample_size)
+
+    def encode_prompts(self, prompts: Sequence[str], height: int, width: int) -> Conditioning:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(list(prompts), None, None, device=self.device,
+                                                       num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predictor(self) -> Predictor:
+        transformer = self.transformer
+
+        def predict(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                               pooled_projections=cond["pooled_projections"]).sample
+        return predict

@@ -14,14 +14,33 @@ from typing import Callable, Sequence
 import torch
 
 
+Conditioning = dict[str, torch.Tensor]
+#: (model input (2B, ...), timestep, conditioning of the 2B rows: uncond first, then cond) -> prediction (2B, ...)
+Predictor = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+
+
 @dataclass
 class DenoiseRows:
-    """Per-row state of a batched denoising run."""
+    """Per-row state of a batched denoising run. Conditioning tensors are batch-first, one row a request."""
 
     latents: torch.Tensor          # (B, C, H, W), scheduler space
-    cond: torch.Tensor             # (B, L, D) text embeddings
-    uncond: torch.Tensor           # (B, L, D) empty-prompt embeddings
+    cond: Conditioning             # e.g. {"encoder_hidden_states": (B, L, D)}, plus pooled embeddings ...
+    uncond: Conditioning           # the same keys for the empty prompt
     guidance: torch.Tensor         # (B,) guidance scales
+
+    def select(self, idx: torch.Tensor) -> "DenoiseRows":
+        return DenoiseRows(self.latents[idx], {k: v[idx] for k, v in self.cond.items()},
+                           {k: v[idx] for k, v in self.uncond.items()}, self.guidance[idx])
+
+
+def unet_predictor(unet: torch.nn.Module) -> Predictor:
+    """UNet2DConditionModel (SD 1.x and the embedded family); extra keys go to ``added_cond_kwargs`` (SDXL)."""
+
+    def predict(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
+        return unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                    added_cond_kwargs=added or None).sample
+    return predict
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], dtype: torch.dtype = torch.float32,
@@ -33,20 +52,21 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], dtype: torc
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-def run_steps(unet: torch.nn.Module, scheduler: object, rows: DenoiseRows, timesteps: Sequence[torch.Tensor],
+def run_steps(predict: Predictor, scheduler: object, rows: DenoiseRows, timesteps: Sequence[torch.Tensor],
               keep: Callable[[], Sequence[bool]] | None = None,
               on_drop: Callable[[Sequence[bool]], None] | None = None) -> DenoiseRows:
-    """Run ``timesteps`` of the scheduler on every row.
+    """Run ``timesteps`` of the scheduler on every row with classifier-free guidance.
 
     ``keep`` is polled before each step; rows it marks False (cancelled requests) leave the batch without
     disturbing the others, and ``on_drop`` is told which rows left.
     """
+    scale = getattr(scheduler, "scale_model_input", None)
     for t in timesteps:
         if keep is not None:
             mask = list(keep())
             if not all(mask):
                 idx = torch.tensor([i for i, k in enumerate(mask) if k], dtype=torch.long)
-                rows = DenoiseRows(rows.latents[idx], rows.cond[idx], rows.uncond[idx], rows.guidance[idx])
+                rows = rows.select(idx)
                 _slice_scheduler_state(scheduler, idx)
                 if on_drop is not None:
                     on_drop(mask)
@@ -54,10 +74,11 @@ def run_steps(unet: torch.nn.Module, scheduler: object, rows: DenoiseRows, times
                     return rows
         b = rows.latents.shape[0]
         model_in = torch.cat([rows.latents, rows.latents])
-        model_in = scheduler.scale_model_input(model_in, t)
-        embeds = torch.cat([rows.uncond, rows.cond])
+        if scale is not None:
+            model_in = scale(model_in, t)
+        both = {k: torch.cat([rows.uncond[k], rows.cond[k]]) for k in rows.cond}
         with torch.inference_mode():
-            noise = unet(model_in, t, encoder_hidden_states=embeds).sample
+            noise = predict(model_in, t.expand(2 * b) if t.dim() == 0 else t, both)
         noise_uncond, noise_cond = noise[:b], noise[b:]
         g = rows.guidance.to(noise.dtype).view(-1, *([1] * (noise.dim() - 1)))
         guided = noise_uncond + g * (noise_cond - noise_uncond)
