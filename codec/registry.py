@@ -81,6 +81,15 @@ def resolve_spec(name: str) -> tuple[str, dict[str, str]]:
     return name, {}
 
 
+def codec_kind(name: str) -> str:
+    """``"analog"`` or ``"digital"``, from the terminal coder's class (nothing is loaded)."""
+    spec, _ = resolve_spec(name)
+    terminal = _TERMINALS.get(spec.split("+")[-1])
+    if terminal is None:
+        raise CodecError(f"unknown codec {name!r}; known: {', '.join(codec_names())}")
+    return "analog" if issubclass(terminal, AnalogMapper) else "digital"
+
+
 def build_codec(name: str, params: dict[str, str] | None = None, weights_dir: Path | None = None) -> Codec:
     """Build the codec ``name`` with request or header ``params`` over the defaults.
 

@@ -182,12 +182,11 @@ def create_app(config: DeviceConfig) -> FastAPI:
 
     @app.get("/v1/codecs", dependencies=[Depends(require_key)])
     async def codecs() -> dict[str, Any]:
-        from codec.registry import resolve_spec
+        from codec.registry import codec_kind, resolve_spec
 
         items = []
         for preset in codec.list_codecs():
-            probe = codec.build_codec(preset.name)
-            items.append({"name": preset.name, "description": preset.description, "kind": probe.kind,
+            items.append({"name": preset.name, "description": preset.description, "kind": codec_kind(preset.name),
                           "stages": resolve_spec(preset.name)[0].split("+"), "params": preset.params})
         return {"codecs": items, "default": config.default_codec}
 
