@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "meg.v1.EdgeGeneration"
 UPSTREAM_HEALTH_PERIOD_S = 1.0
+MAX_UPSTREAM_S = 600.0
 
 
 @dataclass
@@ -141,7 +142,9 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
                                     f"channel.fec: unknown FEC {fec!r}; known: none, ldpc")
             labels = self.metrics.labels("-", request.codec, config.model,
                                          config.snr_db if config.noisy else None)
-            call = self._stub.Generate(request, timeout=context.time_remaining())
+            # Propagate the caller's deadline; a caller without one still gets a bounded upstream call.
+            remaining = context.time_remaining()
+            call = self._stub.Generate(request, timeout=min(remaining, MAX_UPSTREAM_S) if remaining else MAX_UPSTREAM_S)
             assembler = wire.StreamAssembler()
             header = None
             try:
