@@ -4,7 +4,7 @@ Importing this package registers the built-in stages and codecs; add a new one w
 in the list below.
 """
 
-from codec import analog, jscc, merging, raw, uint8_rans  # noqa: F401  (registration side effects)
+from codec import analog, jscc, learned, merging, packing, raw, transforms, uint8_rans  # noqa: F401  (registration side effects)
 from codec.base import Codec, CodecError, EncodedPayload, TensorInfo
 from codec.registry import build_codec, codec_names, list_codecs
 

@@ -1,0 +1,324 @@
+"""Fit the distribution transforms and train the learned source coders on a model's latents.
+
+``python -m codec.train_coders [--quick] [--jobs 2]`` writes one *weights set* into ``codec/weights``:
+
+* ``fcm_<set>.json``            FCM truncation range (0.1/99.9 percentiles of the training features)
+* ``dtufc_<set>.safetensors``   DT-UFC K-means centres (2^8, one global codebook)
+* ``learned_<set>.safetensors`` every coder ``<model>.<domain>.q<k>`` (float16 transforms)
+* ``learned_<set>.json``        their configs, lambdas and training / held-out statistics
+
+Training data are the embedded model's latents: ``vae.encode(shapes images).latent_dist.mean`` (unscaled VAE
+latents, the space ``models.sampling.generate_latents`` returns and the edge sends), plus generated
+latents when the sampler is available. Until the real model
+exists (``models/shapes_v1/metrics.json``), a randomly initialised VAE of the same architecture stands in
+(``--source standin``), so the pipeline can be exercised end to end; the JSON records which was used.
+
+Loss is the reference one, ``lambda * 255^2 * MSE + rate`` with rate in bits per feature point, on the
+transformed features (in [0, 1] for fcm/dtufc). For the identity domain the MSE is measured on features
+divided by the FCM range, so one lambda ladder lands at comparable rates in every domain. Qualities are
+trained as a ladder: q1 from scratch, each next quality warm-started from the previous one (half the
+steps), which is what keeps CPU training of all coders within ~25 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from codec.learned import DOMAINS, MODEL_KINDS, CoderConfig, build_model, model_key, round_trip_half, save_weights_set
+from codec.packing import tile_planes
+from codec.transforms import (PACKAGE_WEIGHTS_DIR, DtufcStage, FcmStage, fit_dtufc_centres, fit_fcm_range,
+                              save_dtufc_centres, save_fcm_stats)
+from codec.base import StageContext
+
+log = logging.getLogger(__name__)
+
+#: Rate-distortion trade-offs of the quality ladder (CompressAI's q1, q3, q5, q7 image lambdas).
+LAMBDAS: tuple[float, ...] = (0.0018, 0.0067, 0.025, 0.0932)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = REPO_ROOT / "models" / "shapes_v1"
+
+
+@dataclass(frozen=True)
+class FeatureSets:
+    """Training and held-out latents (N, C, H, W) plus where they came from."""
+
+    train: torch.Tensor
+    test: torch.Tensor
+    source: str
+
+
+def real_model_ready(model_dir: Path = MODEL_DIR) -> bool:
+    """The model engineer's completion signal."""
+    return (model_dir / "metrics.json").is_file() and (model_dir / "vae").is_dir()
+
+
+def load_vae(model_dir: Path = MODEL_DIR, standin: bool = False) -> torch.nn.Module:
+    """The embedded model's VAE, or a randomly initialised one of the same architecture."""
+    from models import components  # lazy: codec must not need the model family at import time
+
+    if standin:
+        torch.manual_seed(0)
+        return components.new_vae().eval()
+    return components.load_vae(model_dir)
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, seeds: list[int] | range, batch: int = 64) -> torch.Tensor:
+    """Unscaled VAE latent means of rendered shapes images (what the sampler returns, too)."""
+    from models import shapes
+
+    out = []
+    seeds = list(seeds)
+    for i in range(0, len(seeds), batch):
+        images, _, _ = shapes.render_batch(seeds[i:i + batch])
+        out.append(vae.encode(images).latent_dist.mean)
+    return torch.cat(out)
+
+
+def collect_features(n_train: int, n_test: int, source: str = "auto", model_dir: Path = MODEL_DIR,
+                     n_generated: int = 0) -> FeatureSets:
+    """Latents to train on and held-out latents to evaluate on (disjoint seed ranges)."""
+    from models import shapes
+
+    standin = source == "standin" or (source == "auto" and not real_model_ready(model_dir))
+    if source == "real" and not (model_dir / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}/vae not found: the real model is not there")
+    vae = load_vae(model_dir, standin=standin)
+    t0 = time.time()
+    train = encode_images(vae, range(n_train))
+    test = encode_images(vae, range(shapes.HELDOUT_SEED_BASE, shapes.HELDOUT_SEED_BASE + n_test))
+    label = "standin-random-vae" if standin else f"vae-mean:{model_dir.name}:{_vae_digest(model_dir)}"
+    if not standin and n_generated > 0:
+        extra = _sampled_latents(model_dir, n_generated)
+        if extra is not None:
+            train = torch.cat([train, extra])
+            label += "+generated"
+    log.info("encoded %d train / %d held-out latents (%s) in %.1fs", len(train), len(test), label, time.time() - t0)
+    return FeatureSets(train, test, label)
+
+
+def _vae_digest(model_dir: Path) -> str:
+    """Short hash of the VAE weights the features came from (a retrained VAE needs retrained coders)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((model_dir / "vae").glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _sampled_latents(model_dir: Path, n: int) -> torch.Tensor | None:
+    """Latents the diffusion model itself generates, when ``models.sampling.generate_latents`` exists."""
+    try:
+        from models import sampling  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    fn = getattr(sampling, "generate_latents", None)
+    if fn is None:
+        return None
+    try:
+        from models import components, shapes
+
+        combos = shapes.COMBINATIONS
+        captions = [shapes.make_caption(*combos[(i * 7) % len(combos)]) for i in range(n)]
+        t0 = time.time()
+        vae = components.load_vae(model_dir)
+        latents = fn(components.load_tokenizer(model_dir), components.load_text_encoder(model_dir),
+                     components.load_unet(model_dir), components.load_scheduler(model_dir), captions,
+                     list(range(n)), scaling_factor=float(vae.config.scaling_factor))
+        log.info("generated %d latents with the diffusion sampler in %.0fs", n, time.time() - t0)
+        return latents.float().reshape(-1, *latents.shape[-3:])
+    except Exception as exc:  # an optional extra source must never stop training
+        log.warning("generate_latents unavailable (%s); training on VAE latents only", exc)
+        return None
+
+
+def to_domain(x: torch.Tensor, domain: str, weights_dir: Path, set_name: str) -> torch.Tensor:
+    """Features (N, C, H, W) -> transformed and tiled planes (N, 1, rows*H, cols*W), as the codec does."""
+    params = {"fcm_stats": set_name, "dtufc_centres": set_name}
+    ctx = StageContext(params=params)
+    if domain == "fcm":
+        x = FcmStage(params, weights_dir).forward({"x": x}, ctx)["x"]
+    elif domain == "dtufc":
+        x = DtufcStage(params, weights_dir).forward({"x": x}, ctx)["x"]
+    return tile_planes(x)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    kind: str
+    domain: str
+    steps: int
+    batch: int
+    dist_scale: float
+    threads: int
+    seed: int = 0
+
+
+def _bpfp(likelihoods: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+    return sum(-torch.log2(v.clamp_min(1e-9)).sum() for v in likelihoods.values()) / numel
+
+
+def train_ladder(job: TrainJob, train: torch.Tensor, test: torch.Tensor) -> dict[str, Any]:
+    """Train one (model, domain) across the lambda ladder; returns exported states and stats per quality."""
+    torch.set_num_threads(job.threads)
+    torch.manual_seed(job.seed)
+    cfg = CoderConfig(job.kind)
+    model = build_model(cfg)
+    results: dict[str, Any] = {}
+    t_all = time.time()
+    for q, lam in enumerate(LAMBDAS, start=1):
+        steps = job.steps if q == 1 else max(1, job.steps // 2)
+        model.train()
+        main_params = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
+        aux_params = [p for n, p in model.named_parameters() if n.endswith("quantiles")]
+        opt = torch.optim.Adam(main_params, lr=1e-3)
+        aux_opt = torch.optim.Adam(aux_params, lr=1e-3)
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(job.seed * 100 + q)
+        ema = None
+        for step in range(steps):
+            if step == int(steps * 0.8):
+                for g in opt.param_groups:
+                    g["lr"] = 1e-4
+            x = train[torch.randint(len(train), (job.batch,), generator=gen)]
+            out = model(x)
+            mse = torch.mean((out["x_hat"] - x) ** 2) * job.dist_scale
+            rate = _bpfp(out["likelihoods"], x.numel())
+            loss = lam * 255 ** 2 * mse + rate
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(main_params, 1.0)
+            opt.step()
+            aux = model.aux_loss()
+            aux_opt.zero_grad()
+            aux.backward()
+            aux_opt.step()
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            if step % 200 == 0 or step == steps - 1:
+                log.info("%s/%s q%d step %d/%d loss %.4f (rate %.3f bpfp, mse %.3g)", job.kind, job.domain, q,
+                         step, steps, ema, float(rate), float(mse))
+        shipped = round_trip_half(model)  # numbers below are those of the float16 weights that ship
+        with torch.no_grad():
+            out = shipped(test)
+            mse_t = float(torch.mean((out["x_hat"] - test) ** 2))
+            rate_t = float(_bpfp(out["likelihoods"], test.numel()))
+        from codec.learned import export_state
+
+        results[model_key(job.kind, job.domain, q)] = {
+            "state": export_state(shipped),
+            "config": cfg,
+            "info": {"lambda": lam, "steps": steps, "train_seconds": round(time.time() - t0, 1),
+                     "final_train_loss": round(ema or 0.0, 5), "heldout_est_bpfp": round(rate_t, 4),
+                     "heldout_mse_domain": mse_t, "dist_scale": job.dist_scale},
+        }
+        log.info("%s/%s q%d done in %.0fs: held-out %.3f bpfp (likelihood estimate), domain MSE %.3g",
+                 job.kind, job.domain, q, time.time() - t0, rate_t, mse_t)
+        model = shipped.train()  # warm start the next quality
+        for m in model.modules():
+            m.requires_grad_(True)
+    log.info("%s/%s ladder finished in %.0fs", job.kind, job.domain, time.time() - t_all)
+    return results
+
+
+def _run_job(args: tuple[TrainJob, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    return train_ladder(*args)
+
+
+def default_pairs() -> list[tuple[str, str]]:
+    """Every family with and without DT-UFC, and the FCM baseline on the scale hyperprior (weights budget:
+    all 12 x 4 coders would be ~12 MB of float16)."""
+    pairs = [(k, d) for k in MODEL_KINDS for d in ("identity", "dtufc")]
+    return pairs + [("hyperprior", "fcm")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m codec.train_coders", description=__doc__.split("\n\n")[0])
+    p.add_argument("--set-name", default="shapes_v1", help="weights set name (files <kind>_<set>.*)")
+    p.add_argument("--out", type=Path, default=PACKAGE_WEIGHTS_DIR, help="folder to write the set into")
+    p.add_argument("--source", choices=("auto", "real", "standin"), default="auto")
+    p.add_argument("--n-train", type=int, default=3000)
+    p.add_argument("--n-test", type=int, default=256)
+    p.add_argument("--n-generated", type=int, default=0,
+                   help="extra training latents from the diffusion sampler (slow on CPU: 20 guided steps each)")
+    p.add_argument("--steps", type=int, default=800, help="steps for q1; later qualities get half")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--jobs", type=int, default=2, help="parallel training processes (1 thread each)")
+    p.add_argument("--models", default=",".join(MODEL_KINDS))
+    p.add_argument("--pairs", default="", help="explicit kind:domain list, e.g. hyperprior:dtufc,elic:identity")
+    p.add_argument("--quick", action="store_true", help="smoke run: few latents, 20 steps")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
+    if args.quick:
+        args.n_train, args.n_test, args.steps = min(args.n_train, 128), min(args.n_test, 32), min(args.steps, 20)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    feats = collect_features(args.n_train, args.n_test, args.source, n_generated=args.n_generated)
+
+    lo, hi = fit_fcm_range(feats.train)
+    save_fcm_stats(args.out / f"fcm_{args.set_name}.json", lo, hi, source=feats.source,
+                   percentiles=[0.1, 99.9], n_latents=len(feats.train))
+    centres = fit_dtufc_centres(feats.train, bits=8, groups=1)
+    save_dtufc_centres(args.out / f"dtufc_{args.set_name}.safetensors", centres)
+    log.info("fitted FCM range [%.3f, %.3f] and %d DT-UFC centres", lo, hi, centres.shape[1])
+
+    if args.pairs:
+        pairs = [tuple(item.split(":", 1)) for item in args.pairs.split(",")]
+    else:
+        kinds = set(args.models.split(","))
+        pairs = [(k, d) for k, d in default_pairs() if k in kinds]
+    for kind, domain in pairs:
+        if kind not in MODEL_KINDS or domain not in DOMAINS:
+            p.error(f"unknown pair {kind}:{domain}")
+    data = {d: (to_domain(feats.train, d, args.out, args.set_name), to_domain(feats.test, d, args.out, args.set_name))
+            for d in {d for _, d in pairs}}
+    dist_scale = {"identity": 1.0 / (hi - lo) ** 2, "fcm": 1.0, "dtufc": 1.0}
+    jobs = [(TrainJob(k, d, args.steps, args.batch, dist_scale[d], threads=1), *data[d]) for k, d in pairs]
+    # Heaviest first so the two workers finish together.
+    weight = {"elic": 3, "mshyperprior": 2, "hyperprior": 2, "factorized": 1}
+    jobs.sort(key=lambda j: -weight[j[0].kind])
+    trained: dict[str, Any] = {}
+    if args.jobs > 1:
+        with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            for res in pool.map(_run_job, jobs):
+                trained.update(res)
+    else:
+        for job in jobs:
+            trained.update(train_ladder(*job))
+    models = {key: (build_model(v["config"]), v["config"], v["info"]) for key, v in trained.items()}
+    from codec.learned import load_exported
+
+    for key, v in trained.items():
+        load_exported(models[key][0], v["state"])
+    train_seconds = sum(v["info"]["train_seconds"] for v in trained.values())
+    save_weights_set(args.out / f"learned_{args.set_name}", models, {
+        "source": feats.source, "n_train": len(feats.train), "n_test": len(feats.test), "lambdas": list(LAMBDAS),
+        "fcm_range": [lo, hi], "cpu_train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.time() - t_start, 1), "batch": args.batch, "steps_q1": args.steps,
+        "torch": torch.__version__,
+    })
+    size = sum(f.stat().st_size for f in args.out.glob(f"*_{args.set_name}.*"))
+    log.info("wrote weights set %r to %s (%.2f MB) — CPU training %.0fs, wall %.0fs", args.set_name, args.out,
+             size / 1e6, train_seconds, time.time() - t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training stages of the shapes_v1 family; each module exposes ``run(opts) -> dict``."""

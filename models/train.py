@@ -1,0 +1,128 @@
+"""Training CLI for the shapes_v1 family: ``meg train <stage>`` / ``python -m models.train``.
+
+Stages (each loads what it needs from --out and writes its component folder there):
+``data`` (preview grid), ``classifier``, ``vae``, ``text`` (tokenizer + text encoder),
+``unet`` (+ scheduler), ``decoder`` (tiny), ``robust-decoder``, ``evaluate`` and ``all``.
+Checkpoints go to --work-dir/<stage>/ckpt.pt every --ckpt-every steps; --resume continues
+from there (model + optimizer + step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from models import DEFAULT_MODEL_DIR
+from models import components as C
+from models.stages import classifier, data, decoder, evaluate, text, unet, vae
+from models.trainer import StageOptions, default_workers, pick_device, seed_everything
+
+logger = logging.getLogger("models.train")
+
+#: Per-stage defaults (steps, batch size, learning rate), sized for ~1 h on 2 CPU cores.
+DEFAULTS: dict[str, tuple[int, int, float]] = {
+    "data": (0, 0, 0.0),
+    "classifier": (600, 64, 2e-3),
+    "vae": (1500, 16, 1e-3),
+    "text": (300, 64, 1e-3),
+    "unet": (3000, 32, 1e-3),
+    "decoder": (800, 32, 2e-3),
+    "robust-decoder": (800, 32, 5e-4),
+    "evaluate": (0, 0, 0.0),
+}
+SMOKE_STEPS = 3
+SMOKE_BATCH = 4
+SMOKE_POOL = 32
+ORDER = ["data", "classifier", "vae", "text", "unet", "decoder", "robust-decoder", "evaluate"]
+
+STAGES: dict[str, Callable[[StageOptions], dict[str, float]]] = {
+    "data": data.run,
+    "classifier": classifier.run,
+    "vae": vae.run,
+    "text": text.run,
+    "unet": unet.run,
+    "decoder": lambda o: decoder.run(o, robust=False),
+    "robust-decoder": lambda o: decoder.run(o, robust=True),
+    "evaluate": evaluate.run,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meg train", description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=[*ORDER, "all"])
+    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="model folder (default: models/shapes_v1)")
+    p.add_argument("--work-dir", type=Path, default=None, help="checkpoints (default: ~/.cache/meg/train/<out name>)")
+    p.add_argument("--steps", type=int, default=None, help="override the stage's step count")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="resume from the stage checkpoint")
+    p.add_argument("--smoke", action="store_true", help="a few tiny steps (seconds), for tests")
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--pool-size", type=int, default=16384, help="rendered training images held in memory")
+    p.add_argument("--num-workers", type=int, default=None, help="render workers (default: cores-1, max 8)")
+    p.add_argument("--docs-dir", type=Path, default=None, help="write docs figures here (e.g. docs)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def stage_options(args: argparse.Namespace, stage: str, device: torch.device) -> StageOptions:
+    steps, batch, lr = DEFAULTS[stage]
+    if args.steps is not None:
+        steps = args.steps
+    if args.smoke:
+        steps, batch = min(steps, SMOKE_STEPS), SMOKE_BATCH
+    work = args.work_dir or Path.home() / ".cache" / "meg" / "train" / args.out.resolve().name
+    return StageOptions(
+        out=args.out,
+        work_dir=work,
+        steps=steps,
+        batch_size=args.batch_size or batch,
+        lr=args.lr or lr,
+        device=device,
+        seed=args.seed,
+        resume=args.resume,
+        smoke=args.smoke,
+        ckpt_every=args.ckpt_every,
+        pool_size=SMOKE_POOL if args.smoke else args.pool_size,
+        num_workers=0 if args.smoke else (args.num_workers if args.num_workers is not None else default_workers()),
+        extra={"docs_dir": args.docs_dir} if args.docs_dir else {},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns a process exit code."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stages = ORDER if args.stage == "all" else [args.stage]
+    report: dict[str, dict[str, float]] = {}
+    for stage in stages:
+        seed_everything(args.seed)
+        opts = stage_options(args, stage, device)
+        logger.info("stage %s on %s: steps=%d batch=%d lr=%g", stage, device, opts.steps, opts.batch_size, opts.lr)
+        t0 = time.time()
+        report[stage] = STAGES[stage](opts)
+        report[stage]["wall_seconds"] = time.time() - t0
+        C.write_model_index(args.out)
+    log_path = args.out / "training_log.json"
+    previous = json.loads(log_path.read_text()) if log_path.exists() else {}
+    previous.update({k: {**v, "device": str(device)} for k, v in report.items()})
+    log_path.write_text(json.dumps(previous, indent=2, default=float) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
