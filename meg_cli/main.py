@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--channel-metrics-port", type=int, default=9102)
     up.add_argument("--device-port", type=int, default=8000)
     up.add_argument("--prometheus-port", type=int, default=9090)
+    up.add_argument("--prometheus-scrape-interval", type=float, default=None, metavar="SECONDS",
+                    help="scrape interval (default: the 2 s of deploy/prometheus/prometheus.yml)")
+    up.add_argument("--prometheus-data-dir", type=Path,
+                    default=Path(os.environ.get("MEG_PROMETHEUS_DATA", "/tmp/meg-prometheus")))
     up.add_argument("--no-prometheus", action="store_true")
     up.add_argument("--model-dir", type=Path, default=None)
     up.add_argument("--max-batch", type=int, default=8)
@@ -85,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--delay-ms", type=float, default=None)
     gen.add_argument("--k-factor", type=float, default=None)
     gen.add_argument("--modulation", default=None)
-    gen.add_argument("--fec", default=None, choices=["none", "ldpc"])
+    gen.add_argument("--fec", default=None, choices=["none", "ldpc"],
+                     help="digital payloads: uncoded QAM or CRC + 5G LDPC + QAM")
+    gen.add_argument("--code-rate", type=float, default=None, help="LDPC code rate, e.g. 0.5 (with --fec ldpc)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--guidance-scale", type=float, default=None)
@@ -199,6 +206,10 @@ def _wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float) -> bo
     return False
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     configure_logging("up", args.log_level)
     meg = [sys.executable, "-m", "meg_cli.main"]
@@ -216,11 +227,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                     "--channel", f"{args.host}:{args.channel_port}", *model, *common, *tls]),
     ]
     prometheus = None if args.no_prometheus else shutil.which("prometheus")
+    config_dir = tempfile.TemporaryDirectory(prefix="meg-up-prometheus-")
     if prometheus:
-        data_dir = Path(os.environ.get("MEG_PROMETHEUS_DATA", "/tmp/meg-prometheus"))
-        specs.append(("prometheus", [prometheus, f"--config.file={REPO_ROOT / 'deploy/prometheus/prometheus.yml'}",
+        from meg_cli.prometheus_config import ScrapeTargets, render_prometheus_config
+
+        # The committed config names the default ports: scrape the ports these services really use.
+        prometheus_yml = Path(config_dir.name) / "prometheus.yml"
+        prometheus_yml.write_text(render_prometheus_config(
+            ScrapeTargets(args.host, args.edge_metrics_port, args.channel_metrics_port, args.device_port),
+            args.prometheus_scrape_interval))
+        specs.append(("prometheus", [prometheus, f"--config.file={prometheus_yml}",
                                      f"--web.listen-address={args.host}:{args.prometheus_port}",
-                                     f"--storage.tsdb.path={data_dir}", "--log.level=warn"]))
+                                     f"--storage.tsdb.path={args.prometheus_data_dir}", "--log.level=warn"]))
+    # `kill <pid>` (SIGTERM) stops the testbed as Ctrl-C does, rather than orphaning the services.
+    signal.signal(signal.SIGTERM, _interrupt)
     procs: list[subprocess.Popen] = []
     for name, cmd in specs:
         log.info("starting %s: %s", name, " ".join(cmd))
@@ -255,13 +275,14 @@ def cmd_up(args: argparse.Namespace) -> int:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+        config_dir.cleanup()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import httpx
 
     channel: dict[str, object] = {"model": args.channel}
-    for key in ("snr_db", "bandwidth_hz", "delay_ms", "k_factor", "modulation", "fec"):
+    for key in ("snr_db", "bandwidth_hz", "delay_ms", "k_factor", "modulation", "fec", "code_rate"):
         value = getattr(args, key)
         if value is not None:
             channel[key] = value
@@ -346,6 +367,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        # Hand everything to the training CLI as is: argparse's REMAINDER rejects a leading option
+        # such as `meg train --help`.
+        return cmd_train(argparse.Namespace(args=argv[1:]))
     args = _parser().parse_args(argv)
     handlers = {"up": cmd_up, "edge": cmd_edge, "channel": cmd_channel, "device": cmd_device,
                 "generate": cmd_generate, "probe": cmd_probe, "certs": cmd_certs, "train": cmd_train, "bench": cmd_bench}

@@ -1,0 +1,461 @@
+// MEG device dashboard: a prompt form over POST /v1/generate and canvas charts of GET /v1/history.
+// Plain JS, no libraries: the device serves this page offline.
+"use strict";
+
+const KEY_STORAGE = "meg.apiKey";
+const HISTORY_POLL_MS = 5000;
+const HEALTH_POLL_MS = 10000;
+const CHART_MAX_REQUESTS = 40;
+
+// Latency stages of timings_ms, in pipeline order; "other" is total minus the named stages (REST, gRPC, queues).
+const STAGES = [
+  { key: "edge", label: "edge (diffusion)", color: "#2f6fde" },
+  { key: "encode", label: "encode", color: "#8e5bd6" },
+  { key: "channel", label: "channel", color: "#e08a1e" },
+  { key: "decode", label: "decode", color: "#24a06b" },
+  { key: "other", label: "other", color: "#b7bfcc" },
+];
+// Codec colours, kept apart from the stage colours above.
+const PALETTE = ["#d6453d", "#1aa3b8", "#c23c8a", "#3d4a9e", "#9aa623", "#d1a21b", "#5f8fb8", "#8c5a2b",
+                 "#3b8f3b", "#e07aa8", "#4a4a4a", "#7fc6a4", "#b89be0", "#f0a36a"];
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  codecs: [],          // from GET /v1/codecs
+  channels: [],        // from GET /v1/channels
+  history: [],         // from GET /v1/history
+  codecColors: new Map(),
+  imageObjectUrl: null,
+};
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(`HTTP ${status}: ${detail}`);
+    this.status = status;
+    this.detail = detail;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ REST
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  const key = localStorage.getItem(KEY_STORAGE);
+  if (key) headers.set("Authorization", `Bearer ${key}`);
+  let resp;
+  try {
+    resp = await fetch(path, { ...options, headers });
+  } catch (err) {
+    throw new ApiError(0, `device unreachable (${err.message})`);
+  }
+  if (resp.status === 401) showKeyPanel(true);
+  if (!resp.ok) {
+    let detail = resp.statusText || "request failed";
+    try {
+      const body = await resp.json();
+      if (body && body.detail !== undefined) {
+        detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+      }
+    } catch (_) { /* not JSON: keep the status text */ }
+    throw new ApiError(resp.status, detail);
+  }
+  return resp;
+}
+
+const getJson = async (path) => (await api(path)).json();
+
+// ------------------------------------------------------------------------------------------------ API key
+
+function showKeyPanel(visible) {
+  $("key-panel").hidden = !visible;
+}
+
+function setupKeyPanel() {
+  $("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
+  $("key-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const key = $("api-key").value.trim();
+    if (key) localStorage.setItem(KEY_STORAGE, key);
+    else localStorage.removeItem(KEY_STORAGE);
+    showKeyPanel(false);
+    hideError();
+    loadCatalogue();
+  });
+  $("key-forget").addEventListener("click", () => {
+    localStorage.removeItem(KEY_STORAGE);
+    $("api-key").value = "";
+  });
+}
+
+// ------------------------------------------------------------------------------------------------ form
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function hideError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+function fillSelect(select, names, preferred) {
+  const previous = select.value;
+  select.replaceChildren(...names.map((name) => new Option(name, name)));
+  const pick = [previous, preferred].find((n) => n && names.includes(n));
+  if (pick) select.value = pick;
+}
+
+function codecColor(name) {
+  if (!state.codecColors.has(name)) {
+    state.codecColors.set(name, PALETTE[state.codecColors.size % PALETTE.length]);
+  }
+  return state.codecColors.get(name);
+}
+
+async function loadCatalogue() {
+  try {
+    const [codecs, channels] = await Promise.all([getJson("/v1/codecs"), getJson("/v1/channels")]);
+    state.codecs = codecs.codecs;
+    state.channels = channels.channels;
+    state.codecs.forEach((c) => codecColor(c.name));  // stable colours in catalogue order
+    fillSelect($("codec"), state.codecs.map((c) => c.name), codecs.default);
+    fillSelect($("channel"), state.channels.map((c) => c.name), "awgn");
+    onCodecChange();
+    onChannelChange();
+    document.body.dataset.ready = "true";
+    await refreshHistory();
+  } catch (err) {
+    showError(`Could not load codecs and channels: ${err.message}`);
+  }
+}
+
+function onCodecChange() {
+  const codec = state.codecs.find((c) => c.name === $("codec").value);
+  $("codec-desc").textContent = codec ? `${codec.kind}: ${codec.description}` : "";
+}
+
+function onChannelChange() {
+  const channel = state.channels.find((c) => c.name === $("channel").value);
+  const noisy = Boolean(channel && channel.parameters.includes("snr_db"));
+  $("snr").disabled = !noisy;
+  $("snr-range").disabled = !noisy;
+}
+
+function optionalNumber(id) {
+  const raw = $(id).value.trim();
+  return raw === "" ? undefined : Number(raw);
+}
+
+function requestBody() {
+  const channel = { model: $("channel").value };
+  if (!$("snr").disabled) channel.snr_db = Number($("snr").value);
+  const body = { prompt: $("prompt").value, codec: $("codec").value, channel, reference: $("reference").checked };
+  const seed = optionalNumber("seed");
+  const steps = optionalNumber("steps");
+  const guidance = optionalNumber("guidance");
+  if (seed !== undefined) body.seed = seed;
+  if (steps !== undefined) body.steps = steps;
+  if (guidance !== undefined) body.guidance_scale = guidance;
+  return body;
+}
+
+async function onSubmit(ev) {
+  ev.preventDefault();
+  hideError();
+  $("submit").disabled = true;
+  $("busy").hidden = false;
+  try {
+    const resp = await api("/v1/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(requestBody()),
+    });
+    const out = await resp.json();
+    await showResult(out);
+  } catch (err) {
+    showError(err.message);
+  } finally {
+    $("submit").disabled = false;
+    $("busy").hidden = true;
+    refreshHistory();
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ result
+
+const fmtInt = (n) => Math.round(n).toLocaleString("en-US");
+const fmtMs = (n) => `${n.toFixed(1)} ms`;
+
+function stageValues(timings) {
+  const named = STAGES.filter((s) => s.key !== "other").map((s) => Math.max(0, timings[s.key] || 0));
+  const other = Math.max(0, timings.total - named.reduce((a, b) => a + b, 0));
+  return [...named, other];
+}
+
+async function showResult(out) {
+  // Images need the API key too, so fetch the PNG and show it from a blob URL rather than a plain <img src>.
+  const png = await (await api(out.image_url)).blob();
+  if (state.imageObjectUrl) URL.revokeObjectURL(state.imageObjectUrl);
+  state.imageObjectUrl = URL.createObjectURL(png);
+  const img = $("result-image");
+  img.dataset.id = out.id;
+  img.src = state.imageObjectUrl;
+  $("result-caption").textContent = `${out.width}×${out.height} · seed ${out.seed} · ${out.steps} steps · ` +
+    `guidance ${out.guidance_scale} · decoder ${out.decoder}`;
+
+  const ch = out.channel;
+  $("out-codec").textContent = out.codec;
+  $("out-channel").textContent = ch.snr_db !== undefined ? `${ch.model} @ ${Number(ch.snr_db).toFixed(1)} dB` : ch.model;
+  $("out-bits").textContent = fmtInt(out.bits_sent);
+  $("out-symbols").textContent = fmtInt(out.symbols_sent);
+  $("out-airtime").textContent = `${out.airtime_ms.toFixed(3)} ms`;
+  $("out-bit-errors").textContent = fmtInt(out.bit_errors) + (out.concealed ? " (payload lost, concealed)" : "");
+  const q = out.quality || {};
+  $("out-psnr").textContent = q.psnr_db !== undefined ? `${q.psnr_db.toFixed(2)} dB` : "— (tick reference)";
+  $("out-msssim").textContent = q.ms_ssim !== undefined ? q.ms_ssim.toFixed(4) : "—";
+  $("out-total").textContent = fmtMs(out.timings_ms.total);
+
+  const values = stageValues(out.timings_ms);
+  const total = Math.max(out.timings_ms.total, 1e-9);
+  $("breakdown").replaceChildren(...STAGES.map((stage, i) => {
+    const seg = document.createElement("div");
+    seg.style.width = `${(100 * values[i]) / total}%`;
+    seg.style.background = stage.color;
+    seg.title = `${stage.label}: ${fmtMs(values[i])}`;
+    seg.dataset.stage = stage.key;
+    return seg;
+  }));
+  $("breakdown-legend").replaceChildren(...STAGES.map((stage, i) =>
+    legendItem(stage.color, `${stage.label} ${fmtMs(values[i])}`)));
+
+  $("result-empty").hidden = true;
+  $("result").hidden = false;
+}
+
+function legendItem(color, text) {
+  const span = document.createElement("span");
+  span.style.setProperty("--swatch", color);
+  span.textContent = text;
+  return span;
+}
+
+// ------------------------------------------------------------------------------------------------ history
+
+async function refreshHistory() {
+  try {
+    const body = await getJson("/v1/history");
+    state.history = body.requests || [];
+  } catch (err) {
+    if (err.status !== 401) console.warn("history:", err.message);
+    return;
+  }
+  $("history-count").textContent = `(${state.history.length} in memory, charts show the last ` +
+    `${Math.min(state.history.length, CHART_MAX_REQUESTS)})`;
+  drawCharts();
+}
+
+function pollHistory() {
+  if (!document.hidden) refreshHistory();
+  setTimeout(pollHistory, HISTORY_POLL_MS);
+}
+
+async function pollHealth() {
+  const pill = $("health");
+  try {
+    const resp = await fetch("/healthz");
+    const body = await resp.json();
+    pill.textContent = resp.ok ? "healthy" : `unavailable: ${body.reason || resp.status}`;
+    pill.className = resp.ok ? "pill ok" : "pill bad";
+  } catch (err) {
+    pill.textContent = "device unreachable";
+    pill.className = "pill bad";
+  }
+  setTimeout(pollHealth, HEALTH_POLL_MS);
+}
+
+// ------------------------------------------------------------------------------------------------ charts
+
+const PAD = { left: 52, right: 12, top: 10, bottom: 30 };
+const AXIS_INK = "#6b7585";
+const GRID_INK = "#e6e9ef";
+
+// A canvas sized to its CSS box at the screen's pixel ratio, cleared, with a plot box inside the padding.
+function prepareCanvas(canvas) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || canvas.width;
+  const h = canvas.clientHeight || canvas.height;
+  if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
+    canvas.width = Math.round(w * dpr);
+    canvas.height = Math.round(h * dpr);
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  ctx.font = "11px system-ui, sans-serif";
+  const box = { x: PAD.left, y: PAD.top, w: w - PAD.left - PAD.right, h: h - PAD.top - PAD.bottom };
+  return { ctx, box };
+}
+
+// Round tick values (1, 2, 5 × 10^k) covering [lo, hi].
+function niceTicks(lo, hi, count = 5) {
+  if (!(hi > lo)) hi = lo + 1;
+  const raw = (hi - lo) / count;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+  const ticks = [];
+  for (let v = Math.floor(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(+v.toFixed(10));
+  if (ticks[ticks.length - 1] < hi) ticks.push(ticks[ticks.length - 1] + step);
+  return ticks;
+}
+
+function shortNumber(v) {
+  const a = Math.abs(v);
+  if (a >= 1e9) return `${+(v / 1e9).toFixed(1)}G`;
+  if (a >= 1e6) return `${+(v / 1e6).toFixed(1)}M`;
+  if (a >= 1e3) return `${+(v / 1e3).toFixed(1)}k`;
+  return `${+v.toFixed(2)}`;
+}
+
+function drawYAxis(ctx, box, ticks, label) {
+  const lo = ticks[0];
+  const hi = ticks[ticks.length - 1];
+  const y = (v) => box.y + box.h - ((v - lo) / (hi - lo)) * box.h;
+  ctx.textAlign = "right";
+  ctx.textBaseline = "middle";
+  for (const t of ticks) {
+    ctx.strokeStyle = GRID_INK;
+    ctx.beginPath();
+    ctx.moveTo(box.x, Math.round(y(t)) + 0.5);
+    ctx.lineTo(box.x + box.w, Math.round(y(t)) + 0.5);
+    ctx.stroke();
+    ctx.fillStyle = AXIS_INK;
+    ctx.fillText(shortNumber(t), box.x - 6, y(t));
+  }
+  ctx.save();
+  ctx.translate(12, box.y + box.h / 2);
+  ctx.rotate(-Math.PI / 2);
+  ctx.textAlign = "center";
+  ctx.fillText(label, 0, 0);
+  ctx.restore();
+  return y;
+}
+
+function drawXLabel(ctx, box, text) {
+  ctx.fillStyle = AXIS_INK;
+  ctx.textAlign = "center";
+  ctx.textBaseline = "bottom";
+  ctx.fillText(text, box.x + box.w / 2, box.y + box.h + PAD.bottom - 2);
+}
+
+function drawEmpty(canvas, ctx, box) {
+  ctx.fillStyle = AXIS_INK;
+  ctx.textAlign = "center";
+  ctx.textBaseline = "middle";
+  ctx.fillText("no requests yet", box.x + box.w / 2, box.y + box.h / 2);
+  canvas.dataset.points = "0";
+}
+
+// Bars, one a request (oldest left); each bar is a stack of [value, colour] segments.
+function drawBars(canvas, stacks, yLabel, xLabel) {
+  const { ctx, box } = prepareCanvas(canvas);
+  if (stacks.length === 0) return drawEmpty(canvas, ctx, box);
+  const top = Math.max(...stacks.map((s) => s.reduce((a, [v]) => a + v, 0)), 1e-9);
+  const y = drawYAxis(ctx, box, niceTicks(0, top), yLabel);
+  const slot = box.w / Math.max(stacks.length, 12);  // few requests: fixed-width bars, not one fat bar
+  const barW = Math.max(2, slot * 0.75);
+  stacks.forEach((segments, i) => {
+    const x = box.x + i * slot + (slot - barW) / 2;
+    let base = 0;
+    for (const [value, color] of segments) {
+      ctx.fillStyle = color;
+      ctx.fillRect(x, y(base + value), barW, y(base) - y(base + value));
+      base += value;
+    }
+  });
+  drawXLabel(ctx, box, xLabel);
+  canvas.dataset.points = String(stacks.length);
+}
+
+// PSNR against SNR, one dot a request coloured by codec; noiseless requests sit in an "ideal" column on the right.
+function drawQuality(canvas, rows) {
+  const { ctx, box } = prepareCanvas(canvas);
+  const points = rows.filter((r) => r.quality && Number.isFinite(r.quality.psnr_db));
+  if (points.length === 0) return drawEmpty(canvas, ctx, box);
+  const snrs = points.map((r) => r.snr_db).filter((s) => s !== null && s !== undefined);
+  const hasIdeal = points.some((r) => r.snr_db === null || r.snr_db === undefined);
+  const xTicks = niceTicks(snrs.length ? Math.min(...snrs) - 1 : 0, snrs.length ? Math.max(...snrs) + 1 : 10, 6);
+  const psnrs = points.map((r) => r.quality.psnr_db);
+  const y = drawYAxis(ctx, box, niceTicks(Math.max(0, Math.min(...psnrs) - 2), Math.max(...psnrs) + 2), "PSNR dB");
+  const idealW = hasIdeal ? 56 : 0;
+  const plotW = box.w - idealW;
+  const lo = xTicks[0];
+  const hi = xTicks[xTicks.length - 1];
+  const x = (v) => box.x + ((v - lo) / (hi - lo)) * plotW;
+  ctx.fillStyle = AXIS_INK;
+  ctx.textAlign = "center";
+  ctx.textBaseline = "top";
+  for (const t of xTicks) ctx.fillText(shortNumber(t), x(t), box.y + box.h + 4);
+  const idealX = box.x + plotW + idealW / 2;
+  if (hasIdeal) {
+    ctx.strokeStyle = GRID_INK;
+    ctx.beginPath();
+    ctx.moveTo(box.x + plotW + 0.5, box.y);
+    ctx.lineTo(box.x + plotW + 0.5, box.y + box.h);
+    ctx.stroke();
+    ctx.fillText("ideal", idealX, box.y + box.h + 4);
+  }
+  for (const r of points) {
+    const noisy = r.snr_db !== null && r.snr_db !== undefined;
+    ctx.fillStyle = codecColor(r.codec);
+    ctx.globalAlpha = 0.85;
+    ctx.beginPath();
+    ctx.arc(noisy ? x(r.snr_db) : idealX, y(r.quality.psnr_db), 4, 0, 2 * Math.PI);
+    ctx.fill();
+  }
+  ctx.globalAlpha = 1;
+  drawXLabel(ctx, box, "SNR dB");
+  canvas.dataset.points = String(points.length);
+}
+
+function drawCharts() {
+  const recent = state.history.slice(-CHART_MAX_REQUESTS);
+  drawBars($("chart-latency"),
+    recent.map((r) => stageValues(r.timings_ms).map((v, i) => [v, STAGES[i].color])),
+    "ms", "request (oldest → newest)");
+  drawBars($("chart-bits"), recent.map((r) => [[r.bits_sent, codecColor(r.codec)]]),
+    "bits", "request (oldest → newest)");
+  drawQuality($("chart-quality"), recent);
+  const used = [...new Set(recent.map((r) => r.codec))];
+  $("stage-legend").replaceChildren(...STAGES.map((s) => legendItem(s.color, s.label)));
+  for (const legend of document.querySelectorAll(".codec-legend")) {
+    legend.replaceChildren(...used.map((name) => legendItem(codecColor(name), name)));
+  }
+  document.body.dataset.chartsDrawn = String(recent.length);
+}
+
+// ------------------------------------------------------------------------------------------------ start
+
+function start() {
+  setupKeyPanel();
+  $("codec").addEventListener("change", onCodecChange);
+  $("channel").addEventListener("change", onChannelChange);
+  $("snr-range").addEventListener("input", () => { $("snr").value = $("snr-range").value; });
+  $("snr").addEventListener("input", () => { $("snr-range").value = $("snr").value; });
+  $("gen-form").addEventListener("submit", onSubmit);
+  $("prompt").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) $("gen-form").requestSubmit();
+  });
+  let resizeTimer = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizeTimer);
+    resizeTimer = setTimeout(drawCharts, 150);
+  });
+  drawCharts();
+  loadCatalogue();
+  pollHealth();
+  setTimeout(pollHistory, HISTORY_POLL_MS);
+}
+
+document.addEventListener("DOMContentLoaded", start);
