@@ -28,8 +28,8 @@ proto: venv
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/meg/v1/meg.proto
 
 bench-quick: venv
-	$(VENV)/bin/meg bench snr --quick
-	$(VENV)/bin/meg bench rate --quick
+	$(VENV)/bin/meg bench snr --quick --out bench/results/_tmp/quick
+	$(VENV)/bin/meg bench rate --quick --out bench/results/_tmp/quick
 
 bench: venv
 	$(VENV)/bin/meg bench snr

@@ -89,12 +89,27 @@ def _psnr(mse: float, peak: float) -> float:
     return float(10 * math.log10(peak ** 2 / mse)) if mse > 0 else float("inf")
 
 
-def heldout_latents(n: int) -> tuple[torch.Tensor, torch.nn.Module | None, str]:
-    """Held-out latents (seeds from HELDOUT_SEED_BASE), the real VAE when it exists, and a source label."""
+def heldout_latents(n: int, source: str = "vae") -> tuple[torch.Tensor, torch.nn.Module | None, str]:
+    """Held-out latents, the real VAE when it exists, and a source label.
+
+    ``"vae"``: VAE means of rendered held-out images (seeds from HELDOUT_SEED_BASE; what the coders were
+    trained on). ``"diffusion"``: the latents the edge really sends, for the same held-out prompts and seeds as
+    ``meg bench snr`` (so both benchmarks code the same features).
+    """
     from codec.train_coders import encode_images, load_vae, real_model_ready
     from models import shapes
 
     real = real_model_ready()
+    if source == "diffusion":
+        if not real:
+            raise RuntimeError("diffusion latents need the embedded model (models/shapes_v1)")
+        from bench.snr import held_out_latents, load_family
+        from models import DEFAULT_MODEL_DIR
+
+        family = load_family(DEFAULT_MODEL_DIR)
+        return held_out_latents(family, n, "diffusion").latents, family.vae, "diffusion:shapes_v1"
+    if source != "vae":
+        raise ValueError(f"unknown latent source {source!r}: 'vae' or 'diffusion'")
     vae = load_vae(standin=not real)
     latents = encode_images(vae, range(shapes.HELDOUT_SEED_BASE, shapes.HELDOUT_SEED_BASE + n))
     return latents, (vae if real else None), ("vae-mean:shapes_v1" if real else "standin-random-vae")
@@ -106,8 +121,8 @@ def _decode_images(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
 
 
 def measure_curve(preset: str, family: str, transform: str, latents: torch.Tensor, vae: torch.nn.Module | None,
-                  ref_images: torch.Tensor | None, peak: float) -> list[RatePoint]:
-    """Code every latent separately (one request each) at every quality."""
+                  ref_images: torch.Tensor | None, peak: float, bar: Any = None) -> list[RatePoint]:
+    """Code every latent separately (one request each) at every quality; ``bar`` (tqdm) advances per quality."""
     from codec import build_codec
 
     points = []
@@ -132,11 +147,17 @@ def measure_curve(preset: str, family: str, transform: str, latents: torch.Tenso
             per = torch.mean((imgs - ref_images) ** 2, dim=(1, 2, 3)).clamp_min(1e-10)
             img_psnr = float(torch.mean(10 * torch.log10(1.0 / per)))
         mean_bits = float(np.mean(bits))
-        points.append(RatePoint(preset, family, transform, q, mean_bits / (ch * h * w), mean_bits / (h * 8 * w * 8),
+        # Pixels of the image the latent decodes to (64x64 for shapes_v1, whose VAE downsamples by 4); without
+        # the real VAE, the Stable Diffusion factor of 8.
+        pixels = ref_images.shape[-2] * ref_images.shape[-1] if ref_images is not None else h * 8 * w * 8
+        points.append(RatePoint(preset, family, transform, q, mean_bits / (ch * h * w), mean_bits / pixels,
                                 mean_bits / 8, mse, _psnr(mse, peak), img_psnr, 1e3 * t_enc / n, 1e3 * t_dec / n, n))
         p = points[-1]
-        log.info("%-20s q%d: %.3f bpfp, feature PSNR %.2f dB, image PSNR %.2f dB", preset, q, p.bpfp,
-                 p.feature_psnr, p.image_psnr)
+        log.debug("%-20s q%d: %.3f bpfp, feature PSNR %.2f dB, image PSNR %.2f dB", preset, q, p.bpfp,
+                  p.feature_psnr, p.image_psnr)
+        if bar is not None:
+            bar.set_postfix_str(f"{preset} q{q}: {p.bpfp:.2f} bpfp, {p.image_psnr:.1f} dB")
+            bar.update()
     return points
 
 
@@ -194,9 +215,10 @@ def _markdown(points: list[RatePoint], bd: list[dict[str, Any]], meta: dict[str,
     lines = ["# Rate benchmark: learned feature coders with and without distribution transforms", "",
              f"Held-out latents: {meta['n_images']} ({meta['source']}), coded one request each through the real "
              f"codec pipeline; weights set `{meta['weights_set']}` trained on {meta['train_source']}. "
-             f"Mode: {'quick' if meta['quick'] else 'full'}; {meta['seconds']:.0f} s.", "",
+             f"Mode: {meta['mode']}; {meta['seconds']:.0f} s. Reproduce: `{meta['command']}`.",
+             "",
              "Rate in bpfp = payload bytes x 8 / (C*H*W) (header params not counted; version byte and CRC are); "
-             "bits/pixel per 64x64 image. Feature PSNR peak = FCM range "
+             "bits/pixel of the decoded image (64x64 for shapes_v1). Feature PSNR peak = FCM range "
              f"({meta['peak']:.3f}). Image PSNR: VAE decode of coded vs uncoded latents.", "",
              "| codec | q | bpfp | bits/pixel | bytes/image | feature MSE | feature PSNR (dB) | image PSNR (dB) | enc ms | dec ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -213,30 +235,43 @@ def _markdown(points: list[RatePoint], bd: list[dict[str, Any]], meta: dict[str,
     return "\n".join(lines)
 
 
-def run(quick: bool, out_dir: Path = RESULTS_DIR) -> dict[str, Any]:
-    """Run the benchmark, write rate.csv/png/md into ``out_dir``, return the points and BD-rates."""
+SMOKE_IMAGES = 2
+
+
+def run(quick: bool, out_dir: Path = RESULTS_DIR, *, n_images: int | None = None, source: str = "diffusion",
+        curves: list[str] | None = None, progress: bool = True, command: str = "meg bench rate",
+        mode: str | None = None) -> dict[str, Any]:
+    """Run the benchmark, write rate.csv/png/md into ``out_dir``, return the points and BD-rates.
+
+    Quick: 8 held-out latents; full: 48. ``curves`` keeps the presets named (default: all of :data:`CURVES`).
+    """
     import codec  # noqa: F401
     from codec.transforms import PACKAGE_WEIGHTS_DIR
+    from tqdm.auto import tqdm
 
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
-    n = 8 if quick else 48
-    latents, vae, source = heldout_latents(n)
+    n = n_images or (8 if quick else 48)
+    chosen = [c for c in CURVES if curves is None or c[0] in curves]
+    if not chosen:
+        raise ValueError(f"no curve among {curves}; known: {', '.join(c[0] for c in CURVES)}")
+    latents, vae, source_label = heldout_latents(n, source)
     meta_path = PACKAGE_WEIGHTS_DIR / "learned_shapes_v1.json"
     train_meta = json.loads(meta_path.read_text())
     lo, hi = train_meta["fcm_range"]
     peak = float(hi - lo)
     ref_images = _decode_images(vae, latents) if vae is not None else None
     points: list[RatePoint] = []
-    for k, (preset, family, transform) in enumerate(CURVES, start=1):
-        log.info("[%d/%d] %s", k, len(CURVES), preset)
-        points += measure_curve(preset, family, transform, latents, vae, ref_images, peak)
+    with tqdm(total=len(chosen) * len(QUALITIES), desc="bench rate", disable=not progress) as bar:
+        for preset, family, transform in chosen:
+            points += measure_curve(preset, family, transform, latents, vae, ref_images, peak, bar)
     bd = _bd_table(points)
     for r in bd:
         log.info("BD-rate %s %s vs %s: %+.1f %% (feature PSNR), %+.1f %% (image PSNR)", r["family"], r["test"],
                  r["reference"], r["bd_rate_feature_psnr_pct"], r["bd_rate_image_psnr_pct"])
-    meta = {"n_images": n, "source": source, "weights_set": "shapes_v1", "train_source": train_meta.get("source"),
-            "quick": quick, "seconds": time.time() - t0, "peak": peak}
+    meta = {"n_images": n, "source": source_label, "weights_set": "shapes_v1",
+            "train_source": train_meta.get("source"), "quick": quick, "seconds": time.time() - t0, "peak": peak,
+            "command": command, "mode": mode or ("quick" if quick else "full")}
     with open(out_dir / "rate.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(points[0])))
         writer.writeheader()
@@ -249,13 +284,27 @@ def run(quick: bool, out_dir: Path = RESULTS_DIR) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.rate [--quick | --smoke] [--out DIR]``."""
     p = argparse.ArgumentParser(prog="python -m bench.rate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="8 held-out images instead of 48 (a few minutes)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="8 held-out latents instead of 48 (a couple of minutes)")
+    mode.add_argument("--smoke", action="store_true",
+                      help=f"{SMOKE_IMAGES} VAE-encoded latents (seconds; for tests)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--n-images", type=int, default=None)
+    p.add_argument("--source", choices=("diffusion", "vae"), default=None,
+                   help="held-out latents: what the edge sends (diffusion, default) or VAE means of renders")
+    p.add_argument("--curves", nargs="+", default=None, help="codec presets to measure (default: all)")
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
-    run(args.quick, args.out)
+    n_images, source = args.n_images, args.source
+    if args.smoke:
+        n_images, source = n_images or SMOKE_IMAGES, source or "vae"
+    run(args.quick or args.smoke, args.out, n_images=n_images, source=source or "diffusion", curves=args.curves,
+        progress=not args.no_progress, mode="smoke" if args.smoke else None,
+        command=" ".join(["meg bench rate", *(argv if argv is not None else sys.argv[1:])]))
     return 0
 
 

@@ -40,8 +40,9 @@ are installed in the project venv (compressai with ``--no-deps``) and work toget
 only needs torch, numpy and Sionna.
 
 Performance (2 CPU cores, float32): LDPC belief propagation dominates. With the defaults (384-byte blocks,
-20 flooding iterations, boxplus-phi check nodes) QPSK rate 1/2 decodes a 2 KB payload in ~0.1-0.2 s; see
-``bench/results/digital_ber.md`` for measured figures.
+20 flooding iterations, boxplus-phi check nodes) QPSK rate 1/2 decodes a 2 KB payload in ~0.1-0.2 s, and one
+384-byte block alone in ~0.05 s. Belief propagation is vectorised over blocks, so :meth:`DigitalChain.transmit_many`
+(many payloads, e.g. one per image in ``meg bench snr``) decodes all their blocks in shared batches.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -321,54 +322,112 @@ class DigitalChain:
         Channel impairments never raise: blocks that fail their CRC become erasures. ``rng`` drives only the
         channel (the coding is deterministic), so a seeded generator reproduces a run exactly.
         """
-        payload = bytes(data)
-        seg = self.segmentation(len(payload))
-        info_bits = 8 * len(payload)
-        if seg.blocks == 0:
-            return DigitalChainResult(b"", [], 0, 0, 0, 0, 0, 0)
+        return self.transmit_many([data], channel, rng)[0]
+
+    def transmit_many(self, payloads: Sequence[bytes], channel: WirelessChannel, rng: np.random.Generator
+                      ) -> list[DigitalChainResult]:
+        """Send several independent payloads (one per image, say), each through its own channel realisation.
+
+        Equivalent to calling :meth:`transmit` on each payload in order with the same ``rng`` (the channel
+        draws happen in that order), but the code blocks of all payloads that share a code are encoded,
+        demapped and decoded in common batches: belief propagation is vectorised over blocks, so a benchmark
+        that sends hundreds of one-block payloads runs many times faster.
+        """
+        items = [bytes(p) for p in payloads]
+        segs = [self.segmentation(len(p)) for p in items]
         if not channel.config.noisy:
-            return DigitalChainResult(payload, [], seg.symbols, info_bits, seg.coded_bits, seg.blocks, 0, 0)
-
+            return [DigitalChainResult(p, [], s.symbols, 8 * len(p), s.coded_bits, s.blocks, 0, 0)
+                    for p, s in zip(items, segs)]
         with torch.inference_mode():
-            return self._transmit_noisy(payload, seg, channel, rng)
+            return self._transmit_noisy(items, segs, channel, rng)
 
-    def _transmit_noisy(self, payload: bytes, seg: Segmentation, channel: WirelessChannel,
-                        rng: np.random.Generator) -> DigitalChainResult:
-        code = self._code(seg.k, seg.n)
+    def _transmit_noisy(self, items: list[bytes], segs: list[Segmentation], channel: WirelessChannel,
+                        rng: np.random.Generator) -> list[DigitalChainResult]:
         mapper, demapper = self._mapper_demapper()
-        dtype = torch.float32
+        # Payloads that share a segmentation share one code, so their blocks can be stacked.
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, seg in enumerate(segs):
+            if seg.blocks:
+                groups.setdefault((seg.block_bytes, seg.k, seg.n), []).append(i)
 
-        # Segmentation: payload bytes -> [blocks, 8*block_bytes] bits, last block zero-padded.
+        # 1. Segment, CRC, encode and map every group (deterministic: no randomness).
+        info: dict[int, np.ndarray] = {}          # payload -> [blocks, 8*block_bytes] bits
+        coded: dict[int, torch.Tensor] = {}       # payload -> [blocks, n] coded bits
+        tx: dict[int, torch.Tensor] = {}          # payload -> [blocks, n/bps] symbols
+        for (_, k, n), members in groups.items():
+            code = self._code(k, n)
+            bits = [self._info_bits(items[i], segs[i]) for i in members]
+            c = code.encoder(code.crc_encoder(torch.from_numpy(np.concatenate(bits).astype(np.float32))))
+            x = mapper(c)
+            row = 0
+            for i, b in zip(members, bits):
+                info[i], coded[i], tx[i] = b, c[row:row + len(b)], x[row:row + len(b)]
+                row += len(b)
+
+        # 2. The channel, payload by payload in input order (so the rng is used as by sequential calls).
+        y_eq: dict[int, torch.Tensor] = {}
+        no_eq: dict[int, torch.Tensor] = {}
+        for i, seg in enumerate(segs):
+            if not seg.blocks:
+                continue
+            out = channel.transmit(tx[i].reshape(-1).numpy(), rng)
+            # Zero-forcing with receiver CSI: y/h has noise variance N0/|h|^2 per symbol.
+            gain2 = np.abs(out.gains) ** 2
+            y = out.received / np.where(gain2 < _MIN_CHANNEL_GAIN2, 1.0, out.gains)
+            no = out.noise_var / np.maximum(gain2, _MIN_CHANNEL_GAIN2)
+            y_eq[i] = torch.from_numpy(y.astype(np.complex64)).reshape(seg.blocks, seg.symbols_per_block)
+            no_eq[i] = torch.from_numpy(no.astype(np.float32)).reshape(seg.blocks, seg.symbols_per_block)
+
+        # 3. Demap and decode each group in batches of decode_batch blocks.
+        decoded: dict[int, np.ndarray] = {}
+        valid: dict[int, np.ndarray] = {}
+        pre_fec: dict[int, np.ndarray] = {}
+        step = self.config.decode_batch
+        for (_, k, n), members in groups.items():
+            code = self._code(k, n)
+            y_all = torch.cat([y_eq[i] for i in members])
+            no_all = torch.cat([no_eq[i] for i in members])
+            c_all = torch.cat([coded[i] for i in members])
+            u_out = np.empty((len(y_all), k - CRC_LENGTHS[self.config.crc]), dtype=np.uint8)
+            ok_out = np.empty(len(y_all), dtype=bool)
+            err_out = np.empty(len(y_all), dtype=np.int64)
+            for lo in range(0, len(y_all), step):
+                hi = min(lo + step, len(y_all))
+                llr = demapper(y_all[lo:hi], no_all[lo:hi])          # logits log p(1)/p(0), [b, n]
+                err_out[lo:hi] = ((llr > 0).to(torch.float32) != c_all[lo:hi]).sum(dim=1).numpy()
+                llr = torch.nan_to_num(llr, nan=0.0)
+                c_hat = code.decoder(llr)                            # [b, k] hard bits incl. CRC
+                u_hat, ok = code.crc_decoder(c_hat)
+                u_out[lo:hi] = u_hat.numpy().astype(np.uint8)
+                ok_out[lo:hi] = ok.numpy().reshape(-1)
+            row = 0
+            for i in members:
+                b = segs[i].blocks
+                decoded[i], valid[i], pre_fec[i] = u_out[row:row + b], ok_out[row:row + b], err_out[row:row + b]
+                row += b
+
+        # 4. Per payload: erase failed blocks, count errors.
+        results = []
+        for i, seg in enumerate(segs):
+            if not seg.blocks:
+                results.append(DigitalChainResult(b"", [], 0, 0, 0, 0, 0, 0))
+                continue
+            results.append(self._assemble(seg, info[i], decoded[i], valid[i], int(pre_fec[i].sum())))
+            logger.debug("%s over %s @ %.1f dB: %d B in %d blocks (k=%d n=%d), %d symbols, %d block errors",
+                         self.config.label, channel.name, channel.config.snr_db, seg.nbytes, seg.blocks, seg.k,
+                         seg.n, seg.symbols, results[-1].block_errors)
+        return results
+
+    @staticmethod
+    def _info_bits(payload: bytes, seg: Segmentation) -> np.ndarray:
+        """Segmentation: payload bytes -> [blocks, 8*block_bytes] bits, the last block zero-padded."""
         padded = np.zeros(seg.blocks * seg.block_bytes, dtype=np.uint8)
         padded[:len(payload)] = np.frombuffer(payload, dtype=np.uint8)
-        info = np.unpackbits(padded).reshape(seg.blocks, 8 * seg.block_bytes)
-        u = torch.from_numpy(info.astype(np.float32))
+        return np.unpackbits(padded).reshape(seg.blocks, 8 * seg.block_bytes)
 
-        coded = code.encoder(code.crc_encoder(u))           # [blocks, n]
-        symbols = mapper(coded)                             # [blocks, n/bps], complex64
-        out = channel.transmit(symbols.reshape(-1).numpy(), rng)
-
-        # Zero-forcing with receiver CSI: y/h has noise variance N0/|h|^2 per symbol.
-        gain2 = np.maximum(np.abs(out.gains) ** 2, _MIN_CHANNEL_GAIN2)
-        y_eq = (out.received / np.where(np.abs(out.gains) ** 2 < _MIN_CHANNEL_GAIN2, 1.0, out.gains))
-        no_eq = out.noise_var / gain2
-        y_t = torch.from_numpy(y_eq.astype(np.complex64)).reshape(seg.blocks, seg.symbols_per_block)
-        no_t = torch.from_numpy(no_eq.astype(np.float32)).reshape(seg.blocks, seg.symbols_per_block)
-
-        decoded = np.empty((seg.blocks, 8 * seg.block_bytes), dtype=np.uint8)
-        valid = np.empty(seg.blocks, dtype=bool)
-        pre_fec_errors = 0
-        step = self.config.decode_batch
-        for lo in range(0, seg.blocks, step):
-            hi = min(lo + step, seg.blocks)
-            llr = demapper(y_t[lo:hi], no_t[lo:hi])          # logits log p(1)/p(0), [b, n]
-            pre_fec_errors += int(((llr > 0).to(dtype) != coded[lo:hi]).sum())
-            llr = torch.nan_to_num(llr, nan=0.0)
-            c_hat = code.decoder(llr)                        # [b, k] hard bits incl. CRC
-            u_hat, ok = code.crc_decoder(c_hat)
-            decoded[lo:hi] = u_hat.numpy().astype(np.uint8)
-            valid[lo:hi] = ok.numpy().reshape(-1)
-
+    @staticmethod
+    def _assemble(seg: Segmentation, info: np.ndarray, decoded: np.ndarray, valid: np.ndarray,
+                  pre_fec_errors: int) -> DigitalChainResult:
         wrong_bits = decoded != info
         block_wrong = wrong_bits.any(axis=1)
         # Payload bits only: padding past the payload is known to the receiver and not counted.
@@ -379,14 +438,9 @@ class DigitalChain:
             start, end = seg.byte_range(int(b))
             rx[start:end] = 0
             erased.append((start, end))
-        erased = _merge_ranges(erased)
-        result = DigitalChainResult(
-            data=rx.tobytes(), erased=erased, symbols=seg.symbols, info_bits=8 * seg.nbytes,
+        return DigitalChainResult(
+            data=rx.tobytes(), erased=_merge_ranges(erased), symbols=seg.symbols, info_bits=8 * seg.nbytes,
             coded_bits=seg.coded_bits, blocks=seg.blocks, block_errors=int((~valid).sum()),
             pre_fec_bit_errors=pre_fec_errors, post_fec_bit_errors=post_fec_errors,
             undetected_block_errors=int((valid & block_wrong).sum()),
         )
-        logger.debug("%s over %s @ %.1f dB: %d B in %d blocks (k=%d n=%d), %d symbols, %d block errors",
-                     self.config.label, channel.name, channel.config.snr_db, seg.nbytes, seg.blocks, seg.k,
-                     seg.n, seg.symbols, result.block_errors)
-        return result
