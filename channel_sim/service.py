@@ -86,7 +86,9 @@ def apply_link(config: ChannelConfig, payload: EncodedPayload, rng: np.random.Ge
                                                 code_rate=code_rate if code_rate else 0.5))
         res = chain.transmit(payload.data, channel, rng)
         out = EncodedPayload("digital", payload.tensors, payload.params, data=res.data)
-        return LinkResult(out, int(res.symbols), 8 * len(payload.data), int(res.bit_errors))
+        # Bit errors of what is delivered (erased blocks arrive zeroed): the device conceals when they are > 0.
+        delivered = np.frombuffer(res.data, np.uint8) ^ np.frombuffer(payload.data, np.uint8)
+        return LinkResult(out, int(res.symbols), 8 * len(payload.data), int(np.unpackbits(delivered).sum()))
     res = transmit_bytes_uncoded(channel, payload.data, rng)
     out = EncodedPayload("digital", payload.tensors, payload.params, data=res.data)
     return LinkResult(out, res.symbols, 8 * len(payload.data), res.bit_errors)
@@ -140,6 +142,16 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
                 status = "invalid"
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"channel.fec: unknown FEC {fec!r}; known: none, ldpc")
+            code_rate = request.channel.code_rate if request.channel.HasField("code_rate") else None
+            if fec == "ldpc":
+                # Reject an unusable code before the edge does any work; the message names the field.
+                from channel_sim.digital import DigitalChainConfig
+
+                try:
+                    DigitalChainConfig(modulation=config.modulation, code_rate=code_rate or 0.5).validate()
+                except ValueError as exc:
+                    status = "invalid"
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"channel.{exc}")
             labels = self.metrics.labels("-", request.codec, config.model,
                                          config.snr_db if config.noisy else None)
             # Propagate the caller's deadline; a caller without one still gets a bounded upstream call.
@@ -170,8 +182,7 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
             started = time.perf_counter()
             rng = np.random.default_rng(config.seed)
             link = await asyncio.get_running_loop().run_in_executor(
-                None, apply_link, config, received.payload, rng, fec,
-                request.channel.code_rate if request.channel.HasField("code_rate") else None)
+                None, apply_link, config, received.payload, rng, fec, code_rate)
             airtime_s = link.symbols / config.bandwidth_hz
             # Release chunks at the symbol rate after the propagation delay: airtime is wall-clock time.
             t0 = time.perf_counter() + config.delay_ms / 1000.0
@@ -232,7 +243,7 @@ async def serve(config: ChannelServiceConfig, ready: asyncio.Event | None = None
     servicer = ChannelServicer(config.edge, metrics, upstream_credentials)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    meg_pb2_grpc.add_EdgeGenerationServicer_to_server(servicer, server)
+    wire.add_generation_servicer(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"

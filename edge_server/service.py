@@ -172,7 +172,7 @@ async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
     backend = load_backend(config.model_dir, device=config.device, dtype=config.torch_dtype())
     engine = BatchingEngine(backend, config.engine, metrics)
     server = grpc.aio.server(options=grpc_server_options())
-    meg_pb2_grpc.add_EdgeGenerationServicer_to_server(EdgeServicer(backend, engine, metrics), server)
+    wire.add_generation_servicer(EdgeServicer(backend, engine, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
@@ -184,9 +184,9 @@ async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("edge serving %s on %s (metrics :%s), batch ≤ %d, window %.0f ms, queue ≤ %d", backend.model_id,
-             address, config.metrics_port or "off", config.engine.max_batch, config.engine.window_ms,
-             config.engine.max_queue)
+    log.info("edge serving %s on %s (metrics :%s), batch ≤ %d, window %.0f ms, queue ≤ %d, cpu threads %s",
+             backend.model_id, address, config.metrics_port or "off", config.engine.max_batch,
+             config.engine.window_ms, config.engine.max_queue, engine.cpu_threads or "-")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

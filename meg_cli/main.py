@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     edge.add_argument("--max-batch", type=int, default=8, help="1 disables batching")
     edge.add_argument("--batch-window-ms", type=float, default=10.0)
     edge.add_argument("--max-queue", type=int, default=64)
+    edge.add_argument("--cpu-threads", type=int, default=0,
+                      help="torch threads for CPU compute (default 0: one fewer than the cores, at least 1)")
     edge.add_argument("--tls-dir", type=Path, default=None, help="serve mutual TLS with certs from `meg certs`")
 
     channel = sub.add_parser("channel", help="run the channel emulator (gRPC proxy)")
@@ -137,7 +139,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
     config = EdgeConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
                         model_dir=_model_dir(args.model_dir), device=args.device, dtype=args.dtype,
                         engine=EngineConfig(max_batch=args.max_batch, window_ms=args.batch_window_ms,
-                                            max_queue=args.max_queue))
+                                            max_queue=args.max_queue, cpu_threads=args.cpu_threads))
     try:
         credentials = None
         if args.tls_dir is not None:

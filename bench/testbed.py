@@ -1,0 +1,125 @@
+"""A local testbed for benchmarks: edge, channel emulator and device as subprocesses on free loopback ports.
+
+The same three ``meg`` services a deployment runs, started the way the test suite starts them, so a
+benchmark measures the real processes, sockets and serialisation. Service logs go to a temporary folder
+(their paths are logged when a service fails to come up).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("edge", "channel", "device")
+
+
+def default_model_dir() -> Path:
+    return REPO_ROOT / "models" / "shapes_v1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalTestbed:
+    """Start with ``with LocalTestbed(...) as bed:``; ``bed.url`` is the device's REST base URL."""
+
+    model_dir: Path = field(default_factory=default_model_dir)
+    edge_args: list[str] = field(default_factory=list)
+    channel_args: list[str] = field(default_factory=list)
+    device_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 300.0
+    log_level: str = "WARNING"
+    edge_port: int = field(default_factory=free_port)
+    channel_port: int = field(default_factory=free_port)
+    device_port: int = field(default_factory=free_port)
+    edge_metrics_port: int = field(default_factory=free_port)
+    channel_metrics_port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    log_dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.device_port}"
+
+    def command(self, name: str) -> list[str]:
+        meg = [sys.executable, "-m", "meg_cli.main"]
+        common = ["--log-level", self.log_level]
+        if name == "edge":
+            return [*meg, "edge", "--port", str(self.edge_port), "--metrics-port", str(self.edge_metrics_port),
+                    "--model-dir", str(self.model_dir), *common, *self.edge_args]
+        if name == "channel":
+            return [*meg, "channel", "--port", str(self.channel_port), "--metrics-port",
+                    str(self.channel_metrics_port), "--edge", f"127.0.0.1:{self.edge_port}", *common,
+                    *self.channel_args]
+        return [*meg, "device", "--port", str(self.device_port), "--channel", f"127.0.0.1:{self.channel_port}",
+                "--model-dir", str(self.model_dir), *common, *self.device_args]
+
+    def start(self) -> "LocalTestbed":
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="meg-bench-"))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for name in SERVICES:
+            out = open(self.log_dir / f"{name}.log", "ab")
+            self.procs[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, stdout=out,
+                                                stderr=subprocess.STDOUT, env=env)
+        self._wait_healthy()
+        log.info("testbed up at %s (edge %s; logs in %s)", self.url, " ".join(self.edge_args) or "defaults",
+                 self.log_dir)
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"{name} exited with {proc.returncode} during startup; see "
+                                       f"{self.log_dir}/{name}.log")
+            try:
+                resp = httpx.get(f"{self.url}/healthz", timeout=3.0)
+                if resp.status_code == 200:
+                    return
+                last = resp.text
+            except httpx.HTTPError as exc:
+                last = str(exc)
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"testbed not healthy after {self.startup_timeout_s:.0f} s ({last}); logs in {self.log_dir}")
+
+    def stop(self) -> None:
+        for name in reversed(SERVICES):
+            proc = self.procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> "LocalTestbed":
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
