@@ -10,6 +10,7 @@ a :class:`ChannelReport` and a CRC of what the emulator delivers.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import signal
 import time
@@ -24,8 +25,9 @@ from prometheus_client import start_http_server
 
 from channel_sim.channels import (
     DEFAULT_BANDWIDTH_HZ, DEFAULT_COHERENCE_SYMBOLS, DEFAULT_DELAY_MS, DEFAULT_K_FACTOR, DEFAULT_SNR_DB,
-    ChannelConfig, ChannelError, build_channel, transmit_bytes_uncoded,
+    ChannelConfig, ChannelError, build_channel, channel_names, transmit_bytes_uncoded,
 )
+import codec
 from codec import wire
 from codec.base import EncodedPayload
 from meg.v1 import meg_pb2, meg_pb2_grpc
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "meg.v1.EdgeGeneration"
 UPSTREAM_HEALTH_PERIOD_S = 1.0
 MAX_UPSTREAM_S = 600.0
+#: Cap on gRPC reconnect backoff to the edge (ms), so a restarted edge is used again within seconds.
+MAX_RECONNECT_BACKOFF_MS = 5000
 
 
 @dataclass
@@ -107,7 +111,10 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
     def __init__(self, edge_target: str, metrics: MegMetrics,
                  channel_credentials: grpc.ChannelCredentials | None = None) -> None:
         # round_robin: with a headless edge Service (dns:///edge-headless...), spread requests over the edge fleet.
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.lb_policy_name", "round_robin")]
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.lb_policy_name", "round_robin"),
+                   # gRPC's default backoff grows to 120 s: an edge restarted after a long outage would stay
+                   # unused for up to two minutes.
+                   ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
         self._upstream = (grpc.aio.secure_channel(edge_target, channel_credentials, options=options)
                           if channel_credentials else grpc.aio.insecure_channel(edge_target, options=options))
         self._stub = meg_pb2_grpc.EdgeGenerationStub(self._upstream)
@@ -129,6 +136,10 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
         request_id = request.request_id or uuid.uuid4().hex[:16]
         token = set_request_id(request_id)
         self.metrics.in_flight.labels("channel").inc()
+        # Label values come from fixed sets only: a request's free text must not create metric series.
+        codec_label = request.codec if request.codec in codec.codec_names() else "invalid"
+        channel_label = (request.channel.model or "ideal") if (request.channel.model or "ideal") in channel_names() \
+            else "invalid"
         status = "ok"
         call = None
         try:
@@ -152,7 +163,7 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
                 except ValueError as exc:
                     status = "invalid"
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"channel.{exc}")
-            labels = self.metrics.labels("-", request.codec, config.model,
+            labels = self.metrics.labels("-", codec_label, config.model,
                                          config.snr_db if config.noisy else None)
             # Propagate the caller's deadline; a caller without one still gets a bounded upstream call.
             remaining = context.time_remaining()
@@ -219,7 +230,7 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
             raise
         finally:
             self.metrics.in_flight.labels("channel").dec()
-            self.metrics.requests.labels("channel", request.codec, request.channel.model or "ideal", status).inc()
+            self.metrics.requests.labels("channel", codec_label, channel_label, status).inc()
             reset_request_id(token)
 
 
@@ -256,6 +267,10 @@ async def serve(config: ChannelServiceConfig, ready: asyncio.Event | None = None
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     watcher = asyncio.create_task(_watch_upstream(servicer, health_servicer))
+    # Sionna (the LDPC chain) takes seconds to import: do it now, off the event loop, rather than inside the
+    # first fec="ldpc" request, where the import would stall every stream this process is pacing.
+    warmup = asyncio.get_running_loop().run_in_executor(None, importlib.import_module,
+                                                                      "channel_sim.digital")
     log.info("channel emulator on %s → edge %s (metrics :%s)", address, config.edge, config.metrics_port or "off")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -268,6 +283,7 @@ async def serve(config: ChannelServiceConfig, ready: asyncio.Event | None = None
         ready.set()
     await stop.wait()
     watcher.cancel()
+    warmup.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.grace_s)
     await servicer.close()

@@ -8,6 +8,7 @@ round-trips bit-exactly.
 
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 
@@ -23,7 +24,10 @@ _MAGIC = b"U8R1"
 _SCALES = torch.exp(torch.linspace(np.log(0.11), np.log(256.0), 64))
 
 
+@functools.lru_cache(maxsize=1)
 def _gaussian_coder() -> GaussianConditional:
+    # Building the CDF tables costs ~0.5 s and they never change, so every coder shares one read-only model;
+    # its compress/decompress keep no state between calls.
     coder = GaussianConditional(None)
     coder.update_scale_table(_SCALES)
     coder.update()

@@ -41,13 +41,17 @@ _STATUS_MAP = {
 class DeviceLinkConfig:
     target: str = "127.0.0.1:50052"
     max_receive_bytes: int = 64 * 1024 * 1024
+    max_reconnect_backoff_ms: int = 5000
 
 
 class DeviceLink:
     """A long-lived gRPC channel to the channel emulator."""
 
     def __init__(self, config: DeviceLinkConfig, credentials: grpc.ChannelCredentials | None = None) -> None:
-        options = [("grpc.max_receive_message_length", config.max_receive_bytes)]
+        options = [("grpc.max_receive_message_length", config.max_receive_bytes),
+                   # gRPC's default reconnect backoff grows to 120 s; a restarted channel emulator should be
+                   # used again within seconds.
+                   ("grpc.max_reconnect_backoff_ms", config.max_reconnect_backoff_ms)]
         self.config = config
         self._channel = (grpc.aio.secure_channel(config.target, credentials, options=options) if credentials
                          else grpc.aio.insecure_channel(config.target, options=options))

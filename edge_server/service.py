@@ -59,6 +59,10 @@ class EdgeConfig:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}") from None
 
 
+#: Channel models the metrics label by name (the channel emulator validates the model itself).
+CHANNEL_LABELS = frozenset({"ideal", "awgn", "rayleigh", "rician"})
+
+
 def validate_request(request: meg_pb2.GenerateRequest) -> str | None:
     """The first problem with ``request`` (naming the field), or None."""
     if not request.prompt.strip():
@@ -92,7 +96,10 @@ class EdgeServicer(meg_pb2_grpc.EdgeGenerationServicer):
         token = set_request_id(request_id)
         channel_model = request.channel.model or "ideal"
         snr = request.channel.snr_db if request.channel.HasField("snr_db") else None
-        labels = self.metrics.labels(self.backend.model_id, request.codec, channel_model, snr)
+        # Label values come from fixed sets only: a request's free text must not create metric series.
+        codec_label = request.codec if request.codec in codec.codec_names() else "invalid"
+        channel_label = channel_model if channel_model in CHANNEL_LABELS else "other"
+        labels = self.metrics.labels(self.backend.model_id, codec_label, channel_label, snr)
         self.metrics.in_flight.labels("edge").inc()
         status = "ok"
         try:
@@ -126,7 +133,13 @@ class EdgeServicer(meg_pb2_grpc.EdgeGenerationServicer):
             t_enc = time.perf_counter()
             tensor_name = "noisy_latents" if request.split_step else "latents"
             features = {tensor_name: result.latents.unsqueeze(0)}
-            payload = await loop.run_in_executor(self._encode_pool, feature_codec.encode, features)
+            try:
+                payload = await loop.run_in_executor(self._encode_pool, feature_codec.encode, features)
+            except CodecError as exc:
+                # Parameters that only show their problem on real features (e.g. a codec_param out of range
+                # for this tensor) are the caller's error, not the server's.
+                status = "invalid"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"codec_params: {exc}")
             encode_s = time.perf_counter() - t_enc
             for stage, seconds in (("queue_wait", result.queue_s), ("text_encode", result.text_encode_s),
                                    ("denoise", result.denoise_s), ("encode", encode_s)):
@@ -153,7 +166,7 @@ class EdgeServicer(meg_pb2_grpc.EdgeGenerationServicer):
             raise
         finally:
             self.metrics.in_flight.labels("edge").dec()
-            self.metrics.requests.labels("edge", request.codec, channel_model, status).inc()
+            self.metrics.requests.labels("edge", codec_label, channel_label, status).inc()
             reset_request_id(token)
 
 
