@@ -39,12 +39,16 @@ def free_port() -> int:
 
 @dataclass
 class LocalTestbed:
-    """Start with ``with LocalTestbed(...) as bed:``; ``bed.url`` is the device's REST base URL."""
+    """Start with ``with LocalTestbed(...) as bed:``; ``bed.url`` is the device's REST base URL.
+
+    The test suite subclasses it (``tests/conftest.py``) and also starts, kills and restarts single services.
+    """
 
     model_dir: Path = field(default_factory=default_model_dir)
     edge_args: list[str] = field(default_factory=list)
     channel_args: list[str] = field(default_factory=list)
     device_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 300.0
     log_level: str = "WARNING"
     edge_port: int = field(default_factory=free_port)
@@ -72,28 +76,40 @@ class LocalTestbed:
         return [*meg, "device", "--port", str(self.device_port), "--channel", f"127.0.0.1:{self.channel_port}",
                 "--model-dir", str(self.model_dir), *common, *self.device_args]
 
-    def start(self) -> "LocalTestbed":
+    def start_service(self, name: str) -> None:
+        """Start one service (again, after a kill) on its fixed port, appending to its log."""
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="meg-bench-"))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for name in SERVICES:
-            out = open(self.log_dir / f"{name}.log", "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        with open(self.log_dir / f"{name}.log", "ab") as out:
             self.procs[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, stdout=out,
                                                 stderr=subprocess.STDOUT, env=env)
-        self._wait_healthy()
-        log.info("testbed up at %s (edge %s; logs in %s)", self.url, " ".join(self.edge_args) or "defaults",
-                 self.log_dir)
-        return self
 
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
+    def stop_service(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log_text(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log" if self.log_dir else None
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    def wait_healthy(self, timeout: float | None = None) -> None:
+        """Until the device's /healthz answers 200 (it checks channel and edge); fail fast if a service exits."""
+        timeout = self.startup_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"{name} exited with {proc.returncode} during startup; see "
-                                       f"{self.log_dir}/{name}.log")
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; log {self.log_dir}/{name}.log:\n"
+                                       f"{self.log_text(name)[-3000:]}")
             try:
                 resp = httpx.get(f"{self.url}/healthz", timeout=3.0)
                 if resp.status_code == 200:
@@ -101,25 +117,28 @@ class LocalTestbed:
                 last = resp.text
             except httpx.HTTPError as exc:
                 last = str(exc)
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"testbed not healthy after {self.startup_timeout_s:.0f} s ({last}); logs in {self.log_dir}")
+            time.sleep(0.3)
+        raise TimeoutError(f"testbed not healthy after {timeout:.0f} s ({last}); logs in {self.log_dir}")
 
-    def stop(self) -> None:
+    def up(self) -> "LocalTestbed":
+        for name in SERVICES:
+            self.start_service(name)
+        try:
+            self.wait_healthy()
+        except Exception:
+            self.down()
+            raise
+        log.info("testbed up at %s (edge %s; logs in %s)", self.url, " ".join(self.edge_args) or "defaults",
+                 self.log_dir)
+        return self
+
+    def down(self) -> None:
         for name in reversed(SERVICES):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            self.stop_service(name)
 
     def __enter__(self) -> "LocalTestbed":
-        return self.start()
+        return self.up()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.stop()
+        self.down()

@@ -4,7 +4,9 @@ Stages (each loads what it needs from --out and writes its component folder ther
 ``data`` (preview grid), ``classifier``, ``vae``, ``text`` (tokenizer + text encoder),
 ``unet`` (+ scheduler), ``decoder`` (tiny), ``robust-decoder``, ``evaluate`` and ``all``.
 Checkpoints go to --work-dir/<stage>/ckpt.pt every --ckpt-every steps; --resume continues
-from there (model + optimizer + step).
+from there (model + optimizer + step). --finetune (unet, classifier) starts from the component
+already in --out instead of a fresh one, so more training can be added to a committed family
+without redoing the stages it depends on (checkpoints then go to <stage>-finetune/).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ DEFAULTS: dict[str, tuple[int, int, float]] = {
 SMOKE_STEPS = 3
 SMOKE_BATCH = 4
 SMOKE_POOL = 32
+#: Stages whose component can be fine-tuned in place; the VAE and the text encoder are excluded
+#: on purpose: the UNet, the tiny decoders and the learned codecs are all trained on their outputs.
+FINETUNE_STAGES = ("unet", "classifier")
 ORDER = ["data", "classifier", "vae", "text", "unet", "decoder", "robust-decoder", "evaluate"]
 
 STAGES: dict[str, Callable[[StageOptions], dict[str, float]]] = {
@@ -66,11 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="resume from the stage checkpoint")
     p.add_argument("--smoke", action="store_true", help="a few tiny steps (seconds), for tests")
+    p.add_argument(
+        "--finetune",
+        action="store_true",
+        help=f"start from the component already in --out ({', '.join(FINETUNE_STAGES)} only)",
+    )
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--pool-size", type=int, default=16384, help="rendered training images held in memory")
     p.add_argument("--num-workers", type=int, default=None, help="render workers (default: cores-1, max 8)")
     p.add_argument("--docs-dir", type=Path, default=None, help="write docs figures here (e.g. docs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--guidance-scale", type=float, default=evaluate.GUIDANCE_SCALE, help="evaluate: classifier-free guidance"
+    )
+    p.add_argument("--sampling-steps", type=int, default=evaluate.SAMPLING_STEPS, help="evaluate: DDIM steps")
     return p
 
 
@@ -81,6 +95,13 @@ def stage_options(args: argparse.Namespace, stage: str, device: torch.device) ->
     if args.smoke:
         steps, batch = min(steps, SMOKE_STEPS), SMOKE_BATCH
     work = args.work_dir or Path.home() / ".cache" / "meg" / "train" / args.out.resolve().name
+    extra: dict[str, object] = {
+        "finetune": bool(args.finetune),
+        "guidance_scale": args.guidance_scale,
+        "sampling_steps": args.sampling_steps,
+    }
+    if args.docs_dir:
+        extra["docs_dir"] = args.docs_dir
     return StageOptions(
         out=args.out,
         work_dir=work,
@@ -94,13 +115,16 @@ def stage_options(args: argparse.Namespace, stage: str, device: torch.device) ->
         ckpt_every=args.ckpt_every,
         pool_size=SMOKE_POOL if args.smoke else args.pool_size,
         num_workers=0 if args.smoke else (args.num_workers if args.num_workers is not None else default_workers()),
-        extra={"docs_dir": args.docs_dir} if args.docs_dir else {},
+        extra=extra,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns a process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.finetune and args.stage not in FINETUNE_STAGES:
+        parser.error(f"--finetune applies to {', '.join(FINETUNE_STAGES)} only, not {args.stage!r}")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads:
@@ -114,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         opts = stage_options(args, stage, device)
         logger.info("stage %s on %s: steps=%d batch=%d lr=%g", stage, device, opts.steps, opts.batch_size, opts.lr)
         t0 = time.time()
-        report[stage] = STAGES[stage](opts)
-        report[stage]["wall_seconds"] = time.time() - t0
+        # A fine-tune is logged beside the from-scratch run it continues, not over it.
+        key = f"{stage}-finetune" if args.finetune else stage
+        report[key] = STAGES[stage](opts)
+        report[key]["wall_seconds"] = time.time() - t0
         C.write_model_index(args.out)
     log_path = args.out / "training_log.json"
     previous = json.loads(log_path.read_text()) if log_path.exists() else {}

@@ -43,7 +43,9 @@ def accuracy_on_heldout(model: ShapesClassifier, n: int, device: torch.device) -
 
 def run(opts: StageOptions) -> dict[str, float]:
     pool = build_pool(opts.pool_size, opts.num_workers)
-    model = ShapesClassifier().to(opts.device).train()
+    finetune = bool(opts.extra.get("finetune"))
+    start = ShapesClassifier.from_pretrained(opts.out / C.CLASSIFIER) if finetune else ShapesClassifier()
+    model = start.to(opts.device).train()
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=1e-4)
 
     def step(_: int) -> dict[str, float]:
@@ -55,7 +57,7 @@ def run(opts: StageOptions) -> dict[str, float]:
         optim.step()
         return {"loss": loss.item()}
 
-    stats = run_loop("classifier", opts, {"model": model}, optim, step)
+    stats = run_loop("classifier-finetune" if finetune else "classifier", opts, {"model": model}, optim, step)
     stats.update(accuracy_on_heldout(model, 64 if opts.smoke else 512, opts.device))
     model.cpu().save_pretrained(opts.out / C.CLASSIFIER)
     stats["parameters"] = float(C.count_parameters(model))

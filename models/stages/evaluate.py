@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from models import components as C
 from models.channel import apply_channel
@@ -41,8 +41,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(1.0 / mse)).mean())
 
 
-def save_grid(images01: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
-    """Save (N,3,H,W) images in [0,1] as a ``rows``-row PNG grid."""
+def save_grid(
+    images01: torch.Tensor,
+    rows: int,
+    path: Path,
+    scale: int = 2,
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+) -> None:
+    """Save (N,3,H,W) images in [0,1] as a ``rows``-row PNG grid, optionally with row/column labels
+    (so the committed figure can be read without the code that made it)."""
     n, _, h, w = images01.shape
     cols = -(-n // rows)
     arr = (images01.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -51,7 +59,19 @@ def save_grid(images01: torch.Tensor, rows: int, path: Path, scale: int = 2) -> 
         r, c = divmod(i, cols)
         grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = img
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    if row_labels or col_labels:
+        left, top = (70 if row_labels else 0), (20 if col_labels else 0)
+        canvas = Image.new("RGB", (picture.width + left, picture.height + top), "white")
+        canvas.paste(picture, (left, top))
+        draw = ImageDraw.Draw(canvas)
+        cell_w, cell_h = (w + 2) * scale, (h + 2) * scale
+        for r, label in enumerate(row_labels or []):
+            draw.text((4, top + r * cell_h + cell_h // 2 - 6), label, fill="black")
+        for c, label in enumerate(col_labels or []):
+            draw.text((left + c * cell_w + cell_w // 2 - 3 * len(label), 4), label, fill="black")
+        picture = canvas
+    picture.save(path)
 
 
 def run(opts: StageOptions) -> dict[str, float]:
@@ -66,10 +86,11 @@ def run(opts: StageOptions) -> dict[str, float]:
     n_prompts = 27 if opts.smoke else 216
     pairs = heldout_set(n_prompts)
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
-    steps = 4 if opts.smoke else SAMPLING_STEPS
+    steps = 4 if opts.smoke else int(opts.extra.get("sampling_steps", SAMPLING_STEPS))  # type: ignore[arg-type]
+    guidance = float(opts.extra.get("guidance_scale", GUIDANCE_SCALE))  # type: ignore[arg-type]
 
     t0 = time.time()
-    lat = generate_latents(tok, te, unet, sched, prompts, seeds, steps, GUIDANCE_SCALE, scaling_factor=sf)
+    lat = generate_latents(tok, te, unet, sched, prompts, seeds, steps, guidance, scaling_factor=sf)
     gen_seconds = time.time() - t0
     gen = decode_latents(vae, lat.to(dev)).cpu()
     refs = [heldout_sample(p, s) for p, s in pairs]
@@ -94,7 +115,7 @@ def run(opts: StageOptions) -> dict[str, float]:
     robust = C.load_tiny(root, C.ROBUST_DECODER).to(dev) if (root / C.ROBUST_DECODER).is_dir() else None
     tiny_rec = decode_latents(tiny, z).cpu()
     metrics: dict[str, object] = {
-        "guidance_scale": GUIDANCE_SCALE,
+        "guidance_scale": guidance,
         "sampling_steps": steps,
         "scheduler": "DDIMScheduler (trailing spacing, v_prediction)",
         "heldout_prompts": n_prompts,
@@ -120,11 +141,14 @@ def run(opts: StageOptions) -> dict[str, float]:
     grid_prompts = [make_caption(c, s, "white") for s in SHAPES for c in COLORS]
     grid_lat = generate_latents(
         tok, te, unet, sched, grid_prompts, [GRID_SEED + i for i in range(len(grid_prompts))],
-        steps, GUIDANCE_SCALE, scaling_factor=sf,
+        steps, guidance, scaling_factor=sf,
     )
     docs = opts.extra.get("docs_dir")
     grid_path = Path(str(docs)) / "shapes_grid.png" if docs else opts.stage_dir("evaluate") / "shapes_grid.png"
-    save_grid(decode_latents(vae, grid_lat.to(dev)).cpu(), len(SHAPES), grid_path, scale=3)
+    save_grid(
+        decode_latents(vae, grid_lat.to(dev)).cpu(), len(SHAPES), grid_path, scale=3,
+        row_labels=list(SHAPES), col_labels=list(COLORS),
+    )
     save_grid(gen[:54], 6, opts.stage_dir("evaluate") / "heldout_generated.png")
     (root / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     logger.info("metrics: %s", json.dumps(metrics, indent=2))

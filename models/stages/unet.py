@@ -4,6 +4,8 @@ Depends on vae/, tokenizer/ and text_encoder/ in --out (both kept frozen, as in 
 a rendered pool (and its mirror image) are encoded once; every step samples
 ``z = (mean + std * eps) * scaling_factor``, noises it with the DDPM schedule and regresses the
 v-prediction target. Hidden states of the 54 captions and of "" are pre-computed.
+With ``--finetune`` training continues from the UNet already in --out (new optimizer, new LR
+schedule over --steps, checkpoints in ``unet-finetune/``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def run(opts: StageOptions) -> dict[str, float]:
     table = encode_prompts(tok, text_encoder, captions)  # (55, L, H)
     uncond_index = len(COMBINATIONS)
 
-    unet = C.new_unet().to(opts.device).train()
+    finetune = bool(opts.extra.get("finetune"))
+    # Fine-tuning continues from the committed (EMA) weights; the EMA restarts from them too.
+    unet = (C.load_unet(opts.out) if finetune else C.new_unet()).to(opts.device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     noise_sched = C.new_train_scheduler()
     alphas = noise_sched.alphas_cumprod.to(opts.device)
@@ -77,7 +81,13 @@ def run(opts: StageOptions) -> dict[str, float]:
         ema_update(ema, unet, i)
         return {"loss": loss.item()}
 
-    stats = run_loop("unet", opts, {"unet": unet, "ema": ema}, optim, step)
+    stats = run_loop("unet-finetune" if finetune else "unet", opts, {"unet": unet, "ema": ema}, optim, step)
+    if finetune:
+        # A model made by from_pretrained records its source folder in config.json; save the weights
+        # in a freshly built UNet so the committed config stays free of local paths.
+        fresh = C.new_unet()
+        fresh.load_state_dict(ema.cpu().state_dict())
+        ema = fresh
     ema.cpu().save_pretrained(opts.out / C.UNET)
     C.new_sampling_scheduler().save_pretrained(opts.out / C.SCHEDULER)
     stats["parameters"] = float(C.count_parameters(ema))
