@@ -48,8 +48,12 @@ class LinearAnalogMapper(AnalogMapper):
         if symbols.size != (total + 1) // 2:
             raise CodecError(f"analog payload has {symbols.size} symbols, expected {(total + 1) // 2}")
         values = np.empty(2 * symbols.size, dtype=np.float32)
-        values[0::2] = symbols.real / gain
-        values[1::2] = symbols.imag / gain
+        with np.errstate(over="ignore", invalid="ignore"):
+            values[0::2] = symbols.real / gain
+            values[1::2] = symbols.imag / gain
+        if not np.isfinite(values).all():
+            # A forged or corrupted gain (e.g. a denormal) would hand the decoder infinities.
+            raise CodecError("analog symbols do not rescale to finite values: gain or symbols are corrupt")
         out, pos = {}, 0
         for info in infos:
             out[info.name] = torch.from_numpy(values[pos:pos + info.numel].reshape(info.shape).copy())

@@ -678,6 +678,8 @@ def test_wheel_ships_package_data(image_wheel):
                 continue
             if "shapes_v1" in rel.parts:
                 continue
+            if pkg_path == "bench" and rel.parts[0] == "results":
+                continue  # committed benchmark results, not runtime data (.dockerignore drops them too)
             if len(rel.parts) > 1 and (src_dir / rel.parts[0] / "__init__.py").is_file():
                 continue  # belongs to a sub-package, which is checked on its own
             wheel_name = f"{pkg_path}/{rel.as_posix()}"
