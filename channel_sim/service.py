@@ -28,8 +28,8 @@ from channel_sim.channels import (
     ChannelConfig, ChannelError, build_channel, channel_names, transmit_bytes_uncoded,
 )
 import codec
-from codec import wire
-from codec.base import EncodedPayload
+from wire import framing
+from wire.payload import EncodedPayload
 from meg.v1 import meg_pb2, meg_pb2_grpc
 from telemetry.logs import reset_request_id, set_request_id
 from telemetry.metrics import MegMetrics, shannon_capacity_bits_per_symbol
@@ -168,7 +168,7 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
             # Propagate the caller's deadline; a caller without one still gets a bounded upstream call.
             remaining = context.time_remaining()
             call = self._stub.Generate(request, timeout=min(remaining, MAX_UPSTREAM_S) if remaining else MAX_UPSTREAM_S)
-            assembler = wire.StreamAssembler()
+            assembler = framing.StreamAssembler()
             header = None
             try:
                 async for frame in call:
@@ -186,7 +186,7 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
                     await context.send_initial_metadata((("retry-after", retry),))
                 code, details = _upstream_error(exc)
                 await context.abort(code, details)
-            except wire.StreamError as exc:
+            except framing.StreamError as exc:
                 status = "bad_upstream_stream"
                 self.metrics.error("bad_upstream_stream")
                 await context.abort(grpc.StatusCode.DATA_LOSS, f"edge sent a bad stream: {exc}")
@@ -197,14 +197,14 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
             airtime_s = link.symbols / config.bandwidth_hz
             # Release chunks at the symbol rate after the propagation delay: airtime is wall-clock time.
             t0 = time.perf_counter() + config.delay_ms / 1000.0
-            frames = list(wire.chunk_frames(link.payload))
+            frames = list(framing.chunk_frames(link.payload))
             per_chunk = airtime_s / max(1, len(frames))
             for i, frame in enumerate(frames):
                 await asyncio.sleep(max(0.0, t0 + (i + 1) * per_chunk - time.perf_counter()))
                 yield frame
             await asyncio.sleep(max(0.0, t0 + airtime_s - time.perf_counter()))
             if received.reference:
-                yield wire.reference_frame(received.reference)
+                yield framing.reference_frame(received.reference)
             channel_s = time.perf_counter() - started
             report = meg_pb2.ChannelReport(
                 model=config.model, snr_db=config.snr_db if config.noisy else float("inf"),
@@ -212,7 +212,7 @@ class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
                 airtime_ms=1e3 * airtime_s, bit_errors=link.bit_errors, bits=link.bits,
                 modulation=config.modulation if received.payload.kind == "digital" else "analog",
                 channel_ms=1e3 * channel_s)
-            yield wire.trailer_frame(link.payload, len(frames), report)
+            yield framing.trailer_frame(link.payload, len(frames), report)
             self.metrics.observe_stage(labels, "airtime", airtime_s)
             self.metrics.observe_stage(labels, "channel", channel_s)
             self.metrics.request_symbols.labels(**labels).observe(link.symbols)
@@ -254,7 +254,10 @@ async def serve(config: ChannelServiceConfig, ready: asyncio.Event | None = None
     servicer = ChannelServicer(config.edge, metrics, upstream_credentials)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    wire.add_generation_servicer(servicer, server)
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(  # TEMPORARY until the contract refactor
+        servicer.Generate, request_deserializer=meg_pb2.GenerateRequest.FromString,
+        response_serializer=meg_pb2.GenerateResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from codec import wire
+from wire import framing
 from meg.v1 import meg_pb2, meg_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,10 @@ class DeviceLink:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def generate(self, request: meg_pb2.GenerateRequest, timeout_s: float) -> wire.ReceivedStream:
+    async def generate(self, request: meg_pb2.GenerateRequest, timeout_s: float) -> framing.ReceivedStream:
         """Run one request end to end; raises :class:`LinkError` (never a raw gRPC error)."""
         call = self._stub.Generate(request, timeout=timeout_s)
-        assembler = wire.StreamAssembler()
+        assembler = framing.StreamAssembler()
         try:
             async for frame in call:
                 assembler.add(frame)
@@ -78,7 +78,7 @@ class DeviceLink:
             if exc.code() == grpc.StatusCode.UNAVAILABLE and "edge" not in details:
                 details = f"channel emulator unreachable at {self.config.target}: {details}"
             raise LinkError(http, details, kind, retry) from exc
-        except wire.StreamError as exc:
+        except framing.StreamError as exc:
             call.cancel()
             raise LinkError(502, f"corrupted or truncated stream: {exc}", "bad_stream") from exc
         except BaseException:

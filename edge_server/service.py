@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 import codec
-from codec import wire
+from wire import framing
 from codec.base import CodecError
 from edge_server.backends import TextToImageBackend, load_backend
 from edge_server.engine import BatchingEngine, EngineConfig, EngineStoppedError, Job, QueueFullError
@@ -147,17 +147,17 @@ class EdgeServicer(meg_pb2_grpc.EdgeGenerationServicer):
             timings = meg_pb2.StageTimings(queue_ms=1e3 * result.queue_s, text_encode_ms=1e3 * result.text_encode_s,
                                            denoise_ms=1e3 * result.denoise_s, encode_ms=1e3 * encode_s,
                                            batch_size=result.batch_size)
-            yield wire.header_frame(payload, request_id=request_id, model_id=self.backend.model_id,
+            yield framing.header_frame(payload, request_id=request_id, model_id=self.backend.model_id,
                                     codec_id=request.codec, timings=timings, split_step=request.split_step,
                                     total_steps=request.steps, guidance_scale=request.guidance_scale,
                                     prompt=request.prompt)
             chunks = 0
-            for frame in wire.chunk_frames(payload):
+            for frame in framing.chunk_frames(payload):
                 chunks += 1
                 yield frame
             if request.reference:
-                yield wire.reference_frame(features)
-            yield wire.trailer_frame(payload, chunks)
+                yield framing.reference_frame(features)
+            yield framing.trailer_frame(payload, chunks)
             log.info("served %s: %s, %d bits, %d symbols, batch %d", request.codec, tuple(features[tensor_name].shape),
                      payload.bits_sent, payload.symbols_sent, result.batch_size)
         except asyncio.CancelledError:
@@ -168,6 +168,14 @@ class EdgeServicer(meg_pb2_grpc.EdgeGenerationServicer):
             self.metrics.in_flight.labels("edge").dec()
             self.metrics.requests.labels("edge", codec_label, channel_label, status).inc()
             reset_request_id(token)
+
+
+def _register_legacy(servicer: EdgeServicer, server: grpc.aio.Server) -> None:
+    """TEMPORARY until the edge implements serving.contract.StreamingApi (then use add_streaming_api)."""
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        servicer.Generate, request_deserializer=meg_pb2.GenerateRequest.FromString,
+        response_serializer=meg_pb2.GenerateResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def grpc_server_options() -> list[tuple[str, int]]:
@@ -185,7 +193,7 @@ async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
     backend = load_backend(config.model_dir, device=config.device, dtype=config.torch_dtype())
     engine = BatchingEngine(backend, config.engine, metrics)
     server = grpc.aio.server(options=grpc_server_options())
-    wire.add_generation_servicer(EdgeServicer(backend, engine, metrics), server)
+    _register_legacy(EdgeServicer(backend, engine, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"

@@ -1,7 +1,7 @@
 """Fuzzing of the wire format and of every codec's decode path.
 
 Whatever arrives — random bytes, truncated or reordered streams, real payloads with flipped bits, forged
-header parameters — the device must answer with the project's clean errors (:class:`codec.wire.StreamError`,
+header parameters — the device must answer with the project's clean errors (:class:`codec.framing.StreamError`,
 :class:`codec.base.CodecError`) or a valid result: never another exception type (a 500), never a hang.
 The same holds one level down for the gRPC servers: undecodable requests get a clean status and the server
 stays healthy.
@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import codec
-from codec import wire
+from wire import framing
 from codec.base import Codec, CodecError, EncodedPayload, TensorInfo
 from codec.registry import resolve_spec
 from meg.v1 import meg_pb2
@@ -282,23 +282,23 @@ def small_chunks() -> mock._patch:  # type: ignore[name-defined]
 
 def stream_frames(name: str, payload: EncodedPayload, with_reference: bool) -> list[meg_pb2.GenerateResponse]:
     with small_chunks():
-        frames = [wire.header_frame(payload, request_id="fuzz", model_id="shapes_v1", codec_id=name)]
-        frames += list(wire.chunk_frames(payload))
+        frames = [framing.header_frame(payload, request_id="fuzz", model_id="shapes_v1", codec_id=name)]
+        frames += list(framing.chunk_frames(payload))
         if with_reference:
-            frames.append(wire.reference_frame({"latents": torch.zeros(LATENT_SHAPE)}))
-        frames.append(wire.trailer_frame(payload, len(frames) - 1 - int(with_reference)))
+            frames.append(framing.reference_frame({"latents": torch.zeros(LATENT_SHAPE)}))
+        frames.append(framing.trailer_frame(payload, len(frames) - 1 - int(with_reference)))
     return frames
 
 
-def assemble_cleanly(frames: list[meg_pb2.GenerateResponse]) -> wire.ReceivedStream | None:
+def assemble_cleanly(frames: list[meg_pb2.GenerateResponse]) -> framing.ReceivedStream | None:
     """Feed frames like the device does: a StreamError anywhere is a clean rejection; a finished stream
     then goes through the device's decode path."""
-    assembler = wire.StreamAssembler(max_payload_bytes=1 << 20)
+    assembler = framing.StreamAssembler(max_payload_bytes=1 << 20)
     try:
         for frame in frames:
             assembler.add(frame)
         received = assembler.finish()
-    except wire.StreamError:
+    except framing.StreamError:
         return None
     for name, tensor in received.reference.items():
         assert isinstance(name, str) and torch.is_tensor(tensor)
@@ -396,7 +396,7 @@ specs = st.lists(st.builds(meg_pb2.TensorSpec, name=st.sampled_from(["latents", 
                  max_size=2)
 headers = st.builds(
     meg_pb2.StreamHeader,
-    wire_version=st.sampled_from([wire.WIRE_VERSION, wire.WIRE_VERSION, "", "meg.v2"]),
+    wire_version=st.sampled_from([framing.WIRE_VERSION, framing.WIRE_VERSION, "", "meg.v2"]),
     codec_id=st.sampled_from(CODECS + ["", "nope"]),
     payload_kind=st.integers(0, 3), payload_bytes=st.integers(0, 4096), payload_symbols=st.integers(0, 2048),
     tensors=specs, codec_params=st.dictionaries(st.sampled_from(PARAM_KEYS), st.sampled_from(NASTY_VALUES),
@@ -438,10 +438,10 @@ def test_random_bytes_as_frames_assemble_cleanly(blobs: list[bytes]) -> None:
 
 
 def test_oversized_announcement_is_refused() -> None:
-    header = meg_pb2.StreamHeader(wire_version=wire.WIRE_VERSION, payload_kind=meg_pb2.PAYLOAD_KIND_DIGITAL,
+    header = meg_pb2.StreamHeader(wire_version=framing.WIRE_VERSION, payload_kind=meg_pb2.PAYLOAD_KIND_DIGITAL,
                                   payload_bytes=(1 << 20) + 1)
-    with pytest.raises(wire.StreamError, match="limit"):
-        wire.StreamAssembler(max_payload_bytes=1 << 20).add(meg_pb2.GenerateResponse(header=header))
+    with pytest.raises(framing.StreamError, match="limit"):
+        framing.StreamAssembler(max_payload_bytes=1 << 20).add(meg_pb2.GenerateResponse(header=header))
 
 
 # ------------------------------------------------------------------------------------ gRPC servers

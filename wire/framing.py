@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator
+from typing import Iterator
 
-import grpc
 import numpy as np
 import torch
-from google.protobuf.message import DecodeError
 
-from codec.base import EncodedPayload, TensorInfo, check_finite_shapes
+from wire.payload import EncodedPayload, TensorInfo, check_finite_shapes
 from meg.v1 import meg_pb2
 
 WIRE_VERSION = "meg.v1"
-GENERATION_SERVICE = "meg.v1.EdgeGeneration"
 CHUNK_BYTES = 32 * 1024
 CHUNK_SYMBOLS = 8 * 1024
 #: The most a device accepts in one stream (bytes or 8-byte symbols): bounds memory against bad peers.
@@ -207,42 +204,3 @@ class StreamAssembler:
             out[info.name] = torch.from_numpy(np.frombuffer(blob[pos:pos + n], "<f4").reshape(info.shape).copy())
             pos += n
         return out
-
-
-# ------------------------------------------------------------------------------------ gRPC servers
-
-
-@dataclass(frozen=True)
-class UndecodableRequest:
-    """What a server's handler receives instead of a request whose bytes do not parse."""
-
-    reason: str
-
-
-def _parse_request(blob: bytes) -> meg_pb2.GenerateRequest | UndecodableRequest:
-    try:
-        return meg_pb2.GenerateRequest.FromString(blob)
-    except DecodeError as exc:
-        return UndecodableRequest(str(exc))
-
-
-def add_generation_servicer(servicer: Any, server: grpc.aio.Server) -> None:
-    """Register ``servicer.Generate`` as ``meg.v1.EdgeGeneration/Generate`` on an asyncio server.
-
-    Like the generated ``add_EdgeGenerationServicer_to_server``, except that request bytes which do not parse
-    are answered INVALID_ARGUMENT: with the generated deserializer grpc.aio answers UNKNOWN ("Unexpected
-    DecodeError"), which reads as a server bug rather than a bad request.
-    """
-    async def generate(request: meg_pb2.GenerateRequest | UndecodableRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[meg_pb2.GenerateResponse]:
-        if isinstance(request, UndecodableRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request does not parse as meg.v1.GenerateRequest: {request.reason}")
-        async for frame in servicer.Generate(request, context):
-            yield frame
-
-    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
-        generate, request_deserializer=_parse_request,
-        response_serializer=meg_pb2.GenerateResponse.SerializeToString)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GENERATION_SERVICE, handlers),))
-    server.add_registered_method_handlers(GENERATION_SERVICE, handlers)

@@ -1,0 +1,170 @@
+"""The gRPC side of the serving contract: one adapter for every streaming API and one server runner.
+
+:func:`add_streaming_api` registers a :class:`~serving.contract.StreamingApi` as a server-streaming method. It
+answers request bytes that do not parse with INVALID_ARGUMENT (grpc.aio's generated deserializer answers
+UNKNOWN, which reads as a server bug), maps :class:`~serving.contract.RequestError` to its status (with
+``retry-after`` metadata when given), and keeps the request id, the in-flight gauge and the request counter
+for every service in one place. :func:`run_grpc_service` runs a server with health checks, a metrics
+endpoint and a graceful drain on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from serving.contract import CallContext, RequestError, Status, StreamingApi
+from telemetry.logs import reset_request_id, set_request_id
+from telemetry.metrics import MegMetrics
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the handler receives instead of a request whose bytes do not parse."""
+
+    reason: str
+
+
+def _grpc_code(status: Status) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, status.grpc_name)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: RequestError) -> None:
+    if exc.retry_after_s is not None:
+        await context.send_initial_metadata((("retry-after", f"{max(1.0, exc.retry_after_s):.0f}"),))
+    await context.abort(_grpc_code(exc.status), exc.message)
+
+
+def _time_remaining(context: grpc.aio.ServicerContext) -> Callable[[], float | None]:
+    return lambda: context.time_remaining()
+
+
+def streaming_handler(api: StreamingApi, metrics: MegMetrics, request_id_of: Callable[[Any], str]
+                      ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """The gRPC handler of ``api``: decode_request → run → encode_response with shared bookkeeping."""
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.reason}")
+        ctx = CallContext(request_id_of(request) or uuid.uuid4().hex[:16], _time_remaining(context))
+        token = set_request_id(ctx.request_id)
+        codec_label, channel_label = api.metric_labels(request)
+        metrics.in_flight.labels(api.service).inc()
+        status = "ok"
+        try:
+            work = await api.decode_request(request, ctx)
+            result = await api.run(work, ctx)
+            async for frame in api.encode_response(result, ctx):
+                yield frame
+        except RequestError as exc:
+            status = exc.label
+            await _abort(context, exc)
+        except asyncio.CancelledError:
+            status = "cancelled"
+            log.info("request cancelled by the client")
+            raise
+        except Exception:
+            # A bug must still end the call cleanly and be counted, never vanish as an "ok".
+            status = "error"
+            log.exception("request failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+        finally:
+            metrics.in_flight.labels(api.service).dec()
+            metrics.requests.labels(api.service, codec_label, channel_label, status).inc()
+            reset_request_id(token)
+
+    return handle
+
+
+def add_streaming_api(server: grpc.aio.Server, api: StreamingApi, metrics: MegMetrics, service_name: str,
+                      method: str, request_type: type[Message], response_type: type[Message]) -> None:
+    """Serve ``api`` as the server-streaming ``service_name/method``."""
+
+    def parse(blob: bytes) -> Any:
+        try:
+            return request_type.FromString(blob)
+        except DecodeError as exc:
+            return _Undecodable(f"not a {request_type.DESCRIPTOR.full_name}: {exc}")
+
+    handler = streaming_handler(api, metrics, lambda r: getattr(r, "request_id", ""))
+    handlers = {method: grpc.unary_stream_rpc_method_handler(
+        handler, request_deserializer=parse, response_serializer=response_type.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_registered_method_handlers(service_name, handlers)
+
+
+@dataclass
+class GrpcServerConfig:
+    """Where and how a gRPC service listens."""
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0                 # 0: no metrics endpoint
+    grace_s: float = 10.0
+    options: Sequence[tuple[str, Any]] = field(default_factory=list)
+
+
+BackgroundTask = Callable[[health.aio.HealthServicer], Awaitable[None]]
+
+
+async def run_grpc_service(config: GrpcServerConfig, register: Callable[[grpc.aio.Server], None],
+                           metrics: MegMetrics, *, credentials: grpc.ServerCredentials | None = None,
+                           health_status: dict[str, int] | None = None, background: Sequence[BackgroundTask] = (),
+                           on_stop: Callable[[], Awaitable[None]] | None = None,
+                           ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (or until cancelled), then drain for up to ``grace_s``.
+
+    ``health_status`` gives the initial health of named services ("" is the server as a whole, SERVING);
+    ``background`` tasks get the health servicer (to publish readiness) and are cancelled at shutdown;
+    ``on_stop`` runs after the server stopped (drain compute, close upstream channels).
+    """
+    server = grpc.aio.server(options=list(config.options))
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{config.host}:{config.port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if not bound:
+        raise OSError(f"{config.name} could not bind {address}")
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+    await server.start()
+    await health_servicer.set("", SERVING)
+    for name, status in (health_status or {}).items():
+        await health_servicer.set(name, status)
+    tasks = [asyncio.create_task(task(health_servicer)) for task in background]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    log.info("%s serving on %s (metrics :%s)", config.name, address, config.metrics_port or "off")
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("%s shutting down: draining for up to %.0f s", config.name, config.grace_s)
+        for task in tasks:
+            task.cancel()
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(config.grace_s)
+        if on_stop is not None:
+            await on_stop()
