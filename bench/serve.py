@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -302,8 +303,264 @@ def markdown(config: ServeConfig, results: list[ModeResult], ratio: float | None
     lines.append("")
     return "\n".join(lines)
 
+# ------------------------------------------------------------------------------------------------ open loop
+#
+# ``meg bench serve --open-loop``: requests arrive as a Poisson process at a stated rate, whatever the state of
+# the server (an open loop: a slow server does not slow the arrivals down, unlike the closed loop above), and
+# the edge's step scheduler is compared with request-level batching at the same arrival rate. The rate is a
+# fraction (``--load``) of the capacity: the closed-loop throughput of the request-level batcher at
+# ``--capacity-concurrency``, measured first in the same run (or given with ``--rate``).
+
+POLICIES = ("request", "step")
+OPEN_LOOP_GOAL = 0.85     # step scheduler mean latency / request-level mean latency, at most
+
+
+@dataclass
+class OpenLoopConfig:
+    requests: int = 300               # arrivals per policy
+    load: float = 0.7                 # arrival rate as a fraction of the measured capacity
+    rate_rps: float | None = None     # a fixed arrival rate instead (skips the capacity measurement)
+    capacity_requests: int = 160
+    capacity_concurrency: int = 32
+    steps: int = 20
+    size: int = 64                    # image height and width
+    codec: str = "raw-fp16"
+    timeout_s: float = 600.0
+    warmup: int = 8
+    max_batch: int = 8
+    window_ms: float = 10.0
+    seed: int = 0                     # of the arrival times (both policies see the same arrivals)
+    model_dir: Path = field(default_factory=default_model_dir)
+    out: Path = RESULTS_DIR
+
+    def serve_config(self, requests: int, concurrency: int) -> ServeConfig:
+        """The closed-loop settings of the same requests (capacity measurement, warm-up)."""
+        return ServeConfig(requests=requests, concurrency=concurrency, steps=self.steps, codec=self.codec,
+                           timeout_s=self.timeout_s, warmup=self.warmup, max_batch=self.max_batch,
+                           window_ms=self.window_ms, model_dir=self.model_dir, out=self.out)
+
+    def edge_args(self, policy: str) -> list[str]:
+        return ["--policy", policy, "--max-batch", str(self.max_batch), "--window-ms", f"{self.window_ms:g}",
+                "--max-queue", str(max(64, 2 * self.capacity_concurrency))]
+
+
+@dataclass
+class PolicyTestbed(LocalTestbed):
+    """The local testbed with the edge started as ``python -m edge_server`` (every EdgeConfig field an option,
+    so the scheduler policy can be chosen), channel emulator and device as ``meg`` starts them."""
+
+    def command(self, name: str) -> list[str]:
+        if name != "edge":
+            return super().command(name)
+        return [sys.executable, "-m", "edge_server", "--port", str(self.edge_port), "--metrics-port",
+                str(self.edge_metrics_port), "--model-dir", str(self.model_dir), "--log-level", self.log_level,
+                *self.edge_args]
+
+
+def poisson_arrivals(n: int, rate_rps: float, seed: int) -> list[float]:
+    """Arrival times (s from the start) of ``n`` requests of a Poisson process at ``rate_rps``."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate_rps, size=n)
+    return [float(t) for t in np.cumsum(gaps)]
+
+
+def open_loop_body(config: OpenLoopConfig, index: int) -> dict[str, Any]:
+    return {"prompt": PROMPTS[index % len(PROMPTS)], "seed": index, "steps": config.steps, "codec": config.codec,
+            "height": config.size, "width": config.size, "channel": {"model": "ideal"}}
+
+
+async def drive_open_loop(url: str, config: OpenLoopConfig, arrivals: list[float]) -> tuple[list[Outcome], float]:
+    """Send request i at ``arrivals[i]`` s after the start, whatever is still in flight. Latency counts from the
+    scheduled arrival, so a late send (a busy client) is charged to the server rather than hidden."""
+    limits = httpx.Limits(max_connections=len(arrivals), max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=config.timeout_s, limits=limits) as client:
+        started = time.perf_counter()
+
+        async def one(index: int, at: float) -> Outcome:
+            await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
+            outcome = await one_request(client, open_loop_body(config, index), index)
+            outcome.latency_s = time.perf_counter() - (started + at)
+            return outcome
+
+        outcomes = await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
+        wall = time.perf_counter() - started
+    return sorted(outcomes, key=lambda o: o.index), wall
+
+
+async def _open_loop_policy(url: str, config: OpenLoopConfig, policy: str, arrivals: list[float]) -> ModeResult:
+    if config.warmup:
+        warm, _ = await drive(url, config.serve_config(config.warmup, config.warmup), config.warmup,
+                              config.warmup, first_index=10_000_000)
+        if any(o.outcome != "ok" for o in warm):
+            log.warning("warm-up (%s): %d of %d failed", policy, sum(o.outcome != "ok" for o in warm), len(warm))
+    log.info("open loop, %s scheduler: %d arrivals at %.3f req/s", policy, len(arrivals),
+             len(arrivals) / arrivals[-1])
+    outcomes, wall = await drive_open_loop(url, config, arrivals)
+    result = summarise(policy, config.edge_args(policy), outcomes, wall, 0)
+    log.info("%s scheduler: mean %.2f s, p50 %.2f s, p95 %.2f s, p99 %.2f s, %d errors, %d lost, mean batch %.2f",
+             policy, result.latency_mean_s, result.latency_p50_s, result.latency_p95_s, result.latency_p99_s,
+             result.errors, result.lost, result.mean_batch_size)
+    return result
+
+
+@dataclass
+class OpenLoopReport:
+    config: OpenLoopConfig
+    capacity: ModeResult | None       # the request-level closed loop the rate derives from
+    rate_rps: float
+    results: list[ModeResult]
+
+    def by_policy(self, policy: str) -> ModeResult:
+        return next(r for r in self.results if r.mode == policy)
+
+    @property
+    def mean_ratio(self) -> float | None:
+        """Mean latency of the step scheduler over request-level batching."""
+        request, step = self.by_policy("request"), self.by_policy("step")
+        return step.latency_mean_s / request.latency_mean_s if request.latency_mean_s > 0 else None
+
+
+def run_open_loop(config: OpenLoopConfig) -> OpenLoopReport:
+    """Capacity (unless a rate is given), then the same Poisson arrivals against each policy's own testbed."""
+    capacity: ModeResult | None = None
+    results: list[ModeResult] = []
+    rate = config.rate_rps
+    for policy in POLICIES:
+        with PolicyTestbed(config.model_dir, edge_args=config.edge_args(policy)) as bed:
+            if rate is None:
+                closed = config.serve_config(config.capacity_requests, config.capacity_concurrency)
+                capacity = asyncio.run(measure(bed.url, closed, f"capacity ({policy})", config.edge_args(policy)))
+                rate = config.load * capacity.throughput_rps
+                log.info("capacity %.3f req/s: arrivals at %.3f req/s", capacity.throughput_rps, rate)
+            arrivals = poisson_arrivals(config.requests, rate, config.seed)
+            results.append(asyncio.run(_open_loop_policy(bed.url, config, policy, arrivals)))
+    assert rate is not None
+    return OpenLoopReport(config, capacity, rate, results)
+
+
+def write_open_loop_outputs(report: OpenLoopReport, env: dict[str, Any]) -> dict[str, Any]:
+    out = report.config.out
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["mode", "requests", "ok", "errors", "lost", "wall_s", "latency_mean_s", "latency_p50_s",
+               "latency_p95_s", "latency_p99_s", "latency_max_s", "mean_batch_size"]
+    with open(out / "serve_open_loop.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["policy", "arrival_rate_rps", *columns[1:]])
+        for r in report.results:
+            row = asdict(r)
+            writer.writerow([r.mode, f"{report.rate_rps:.4f}",
+                             *(f"{row[c]:.4f}" if isinstance(row[c], float) else row[c] for c in columns[1:])])
+    ratio = report.mean_ratio
+    config_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(report.config).items()}
+    summary = {"config": config_json, "environment": env, "arrival_rate_rps": report.rate_rps,
+               "capacity": asdict(report.capacity) if report.capacity else None,
+               "capacity_rps": report.capacity.throughput_rps if report.capacity else None,
+               "mean_latency_ratio_step_request": ratio, "goal_ratio": OPEN_LOOP_GOAL,
+               "goal_met": (ratio <= OPEN_LOOP_GOAL and all(r.lost == 0 for r in report.results))
+               if ratio is not None else None,
+               "policies": [asdict(r) for r in report.results]}
+    (out / "serve_open_loop.json").write_text(json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n")
+    plot_open_loop(report, out / "serve_open_loop.png")
+    (out / "serve_open_loop.md").write_text(open_loop_markdown(report, env))
+    return summary
+
+
+def plot_open_loop(report: OpenLoopReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_cdf, ax_bar) = plt.subplots(1, 2, figsize=(10, 4))
+    stats = ("latency_mean_s", "latency_p50_s", "latency_p95_s", "latency_p99_s")
+    width = 0.8 / len(report.results)
+    for i, r in enumerate(report.results):
+        lat = np.sort(np.array(r.latencies_s))
+        if lat.size:
+            ax_cdf.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=f"{r.mode} scheduler")
+        ax_bar.bar(np.arange(len(stats)) + i * width, [getattr(r, s) for s in stats], width, label=r.mode)
+    ax_cdf.set_xlabel("end-to-end latency (s)")
+    ax_cdf.set_ylabel("fraction of successful requests")
+    ax_cdf.set_title(f"Latency CDF, Poisson arrivals at {report.rate_rps:.2f} req/s")
+    ax_cdf.grid(alpha=0.3)
+    ax_cdf.legend()
+    ax_bar.set_xticks(np.arange(len(stats)) + width * (len(report.results) - 1) / 2,
+                      ["mean", "p50", "p95", "p99"])
+    ax_bar.set_ylabel("latency (s)")
+    ax_bar.set_title("Latency by scheduler policy")
+    ax_bar.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def open_loop_markdown(report: OpenLoopReport, env: dict[str, Any]) -> str:
+    c, ratio = report.config, report.mean_ratio
+    cap = report.capacity
+    source = (f"{c.load:.0%} of the capacity, {cap.throughput_rps:.3f} req/s = closed-loop throughput of "
+              f"request-level batching at concurrency {cap.concurrency} ({cap.ok} requests) measured in this run"
+              if cap else "a fixed rate (--rate)")
+    lines = ["# Serving benchmark, open loop (`meg bench serve --open-loop`)", "",
+             f"{c.requests} Poisson arrivals per policy at **{report.rate_rps:.3f} req/s** ({source}); "
+             f"{c.size}×{c.size}, {c.steps} steps, codec `{c.codec}`, ideal channel, edge batch ≤ {c.max_batch}, "
+             f"the same arrival times for both policies, a fresh local testbed per policy (embedded "
+             f"`{c.model_dir.name}`). Latency counts from the scheduled arrival.",
+             f"Machine: {env['cpus']} CPUs, torch {env['torch']}, load average at start "
+             f"{', '.join(f'{x:.1f}' for x in env['load_average'] or [])}.", "",
+             "| scheduler | ok | errors | lost | mean (s) | p50 (s) | p95 (s) | p99 (s) | max (s) | mean batch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report.results:
+        lines.append(f"| {r.mode} | {r.ok} | {r.errors} | {r.lost} | {r.latency_mean_s:.2f} | {r.latency_p50_s:.2f} | "
+                     f"{r.latency_p95_s:.2f} | {r.latency_p99_s:.2f} | {r.latency_max_s:.2f} | "
+                     f"{r.mean_batch_size:.2f} |")
+    lines.append("")
+    if ratio is not None:
+        lost = sum(r.lost for r in report.results)
+        verdict = "meets" if ratio <= OPEN_LOOP_GOAL and lost == 0 else "does not meet"
+        lines.append(f"Mean latency, step scheduler / request-level batching: **{ratio:.2f}x**, {lost} lost "
+                     f"({verdict} the goal: at most {OPEN_LOOP_GOAL}x and none lost).")
+    for r in report.results:
+        for title, kinds in (("errors", r.errors_by_kind), ("lost", r.lost_by_kind)):
+            if kinds:
+                lines += ["", f"{title} ({r.mode}): " + "; ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def open_loop_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="meg bench serve --open-loop",
+                                description="Poisson arrivals: step scheduler vs request-level batching")
+    p.add_argument("--open-loop", action="store_true", required=True)
+    p.add_argument("--requests", type=int, default=None, help="arrivals per policy (default 300; --quick 12)")
+    p.add_argument("--load", type=float, default=0.7, help="arrival rate as a fraction of the capacity")
+    p.add_argument("--rate", type=float, default=None, help="fixed arrival rate in req/s (skips the capacity run)")
+    p.add_argument("--capacity-requests", type=int, default=None, help="default 160; --quick 16")
+    p.add_argument("--capacity-concurrency", type=int, default=None, help="default 32; --quick 4")
+    p.add_argument("--steps", type=int, default=None, help="default 20; --quick 4")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="of the arrival times")
+    p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--quick", action="store_true", help="a smoke test: 12 arrivals, 4 steps")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    q = args.quick
+    config = OpenLoopConfig(
+        requests=args.requests or (12 if q else 300), load=args.load, rate_rps=args.rate,
+        capacity_requests=args.capacity_requests or (16 if q else 160),
+        capacity_concurrency=args.capacity_concurrency or (4 if q else 32), steps=args.steps or (4 if q else 20),
+        warmup=2 if q else 8, max_batch=args.max_batch, seed=args.seed,
+        model_dir=args.model_dir or default_model_dir(), out=args.out)
+    env = environment()
+    summary = write_open_loop_outputs(run_open_loop(config), env)
+    log.info("mean latency step/request: %s (goal ≤ %.2f); wrote %s/serve_open_loop.{csv,json,png,md}",
+             summary["mean_latency_ratio_step_request"], OPEN_LOOP_GOAL, config.out)
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
+    if "--open-loop" in (sys.argv[1:] if argv is None else argv):
+        return open_loop_main(argv)
     p = argparse.ArgumentParser(prog="meg bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="drive a running testbed's device (default: start one per mode)")
     p.add_argument("--requests", type=int, default=None, help="requests per mode (default 200; --quick 16)")
