@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
@@ -24,6 +25,7 @@ from codec.base import CodecError
 from edge_server.backends import TextToImageBackend, load_backend
 from edge_server.engine import BatchingEngine, EngineConfig, EngineStoppedError, Job, QueueFullError
 from meg.v1 import meg_pb2, meg_pb2_grpc
+from radio import channel_names
 from telemetry.logs import reset_request_id, set_request_id
 from telemetry.metrics import MegMetrics
 
@@ -59,8 +61,6 @@ class EdgeConfig:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}") from None
 
 
-#: Channel models the metrics label by name (the channel emulator validates the model itself).
-CHANNEL_LABELS = frozenset({"ideal", "awgn", "rayleigh", "rician"})
 
 
 def validate_request(request: meg_pb2.GenerateRequest) -> str | None:
@@ -95,10 +95,10 @@ class EdgeServicer(meg_pb2_grpc.EdgeGenerationServicer):
         request_id = request.request_id or uuid.uuid4().hex[:16]
         token = set_request_id(request_id)
         channel_model = request.channel.model or "ideal"
-        snr = request.channel.snr_db if request.channel.HasField("snr_db") else None
+        snr = request.channel.params["snr_db"] if "snr_db" in request.channel.params else None
         # Label values come from fixed sets only: a request's free text must not create metric series.
         codec_label = request.codec if request.codec in codec.codec_names() else "invalid"
-        channel_label = channel_model if channel_model in CHANNEL_LABELS else "other"
+        channel_label = channel_model if channel_model in channel_names() else "other"
         labels = self.metrics.labels(self.backend.model_id, codec_label, channel_label, snr)
         self.metrics.in_flight.labels("edge").inc()
         status = "ok"
@@ -111,7 +111,7 @@ class EdgeServicer(meg_pb2_grpc.EdgeGenerationServicer):
                 shape = self.backend.latent_shape(request.height, request.width)
                 params = dict(request.codec_params)
                 # SNR-adaptive codecs (JSCC) take the link's SNR as side information.
-                if snr is not None and channel_model != "ideal":
+                if snr is not None:
                     params.setdefault("channel_snr_db", f"{snr:g}")
                 feature_codec = codec.build_codec(request.codec, params, self._codec_weights)
             except (ValueError, CodecError) as exc:
@@ -172,9 +172,21 @@ class EdgeServicer(meg_pb2_grpc.EdgeGenerationServicer):
 
 def _register_legacy(servicer: EdgeServicer, server: grpc.aio.Server) -> None:
     """TEMPORARY until the edge implements serving.contract.StreamingApi (then use add_streaming_api)."""
+    def parse(blob: bytes) -> meg_pb2.GenerateRequest | None:
+        try:
+            return meg_pb2.GenerateRequest.FromString(blob)
+        except DecodeError:
+            return None
+
+    async def generate(request: meg_pb2.GenerateRequest | None, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[meg_pb2.GenerateResponse]:
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request does not parse")
+        async for frame in servicer.Generate(request, context):
+            yield frame
+
     handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
-        servicer.Generate, request_deserializer=meg_pb2.GenerateRequest.FromString,
-        response_serializer=meg_pb2.GenerateResponse.SerializeToString)}
+        generate, request_deserializer=parse, response_serializer=meg_pb2.GenerateResponse.SerializeToString)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 

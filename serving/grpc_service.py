@@ -63,6 +63,7 @@ def streaming_handler(api: StreamingApi, metrics: MegMetrics, request_id_of: Cal
         ctx = CallContext(request_id_of(request) or uuid.uuid4().hex[:16], _time_remaining(context))
         token = set_request_id(ctx.request_id)
         codec_label, channel_label = api.metric_labels(request)
+        ctx.labels.update(codec=codec_label, channel=channel_label)
         metrics.in_flight.labels(api.service).inc()
         status = "ok"
         try:
@@ -84,7 +85,7 @@ def streaming_handler(api: StreamingApi, metrics: MegMetrics, request_id_of: Cal
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
         finally:
             metrics.in_flight.labels(api.service).dec()
-            metrics.requests.labels(api.service, codec_label, channel_label, status).inc()
+            metrics.requests.labels(api.service, ctx.labels["codec"], ctx.labels["channel"], status).inc()
             reset_request_id(token)
 
     return handle

@@ -41,9 +41,10 @@ METRIC_NAMES = (
 _REQUEST_LABELS = ("service", "model", "codec", "channel", "snr_bucket")
 
 
-def snr_bucket(channel_model: str, snr_db: float | None) -> str:
-    """A low-cardinality label for an SNR: 5 dB wide buckets such as ``"0..5"``; ``"ideal"`` without noise."""
-    if channel_model == "ideal" or snr_db is None or math.isinf(snr_db):
+def snr_bucket(snr_db: float | None) -> str:
+    """A low-cardinality label for an SNR: 5 dB wide buckets such as ``"0..5"``; ``"ideal"`` without noise
+    (``None``: a noiseless channel)."""
+    if snr_db is None or math.isinf(snr_db):
         return "ideal"
     low = int(math.floor(snr_db / 5.0) * 5)
     return f"{low}..{low + 5}"
@@ -96,9 +97,9 @@ class MegMetrics:
         self.queue_depth.labels(self.service).set(0)
 
     def labels(self, model: str, codec: str, channel: str, snr_db: float | None) -> dict[str, str]:
-        """The common label set of one request."""
+        """The common label set of one request (``snr_db`` None for a noiseless channel)."""
         return {"service": self.service, "model": model, "codec": codec, "channel": channel,
-                "snr_bucket": snr_bucket(channel, snr_db)}
+                "snr_bucket": snr_bucket(snr_db)}
 
     def observe_stage(self, labels: dict[str, str], stage: str, seconds: float) -> None:
         if stage not in STAGES:

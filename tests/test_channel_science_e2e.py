@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from channel_sim.digital import DigitalChain, DigitalChainConfig
+from radio.digital import DigitalChain, DigitalChainConfig
 from codec.jscc import PACKAGE_WEIGHTS
 from conftest import Testbed
 from meg_cli.main import _parser

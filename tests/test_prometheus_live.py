@@ -153,7 +153,7 @@ def test_meg_up_prometheus_scrapes_latency_and_bits(meg_up: MegUp) -> None:
     wait_for_value(meg_up, 'sum(meg_request_bits_sum{service="device"})', sum(o["bits_sent"] for o in outs))
     expected: dict[tuple[str, str, str], float] = defaultdict(float)
     for (codec, channel), out in zip(requests, outs):
-        expected[(codec, channel["model"], snr_bucket(channel["model"], channel.get("snr_db")))] += out["bits_sent"]
+        expected[(codec, channel["model"], snr_bucket(channel.get("snr_db")))] += out["bits_sent"]
     series = {(r["metric"]["codec"], r["metric"]["channel"], r["metric"]["snr_bucket"]): float(r["value"][1])
               for r in query(meg_up, 'meg_request_bits_sum{service="device"}')}
     assert series == dict(expected)

@@ -24,43 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10meg/v1/meg.proto\x12\x06meg.v1\"\xc9\x02\n\x0b\x43hannelSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06snr_db\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0c\x62\x61ndwidth_hz\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x64\x65lay_ms\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x15\n\x08k_factor\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11\x63oherence_symbols\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\nmodulation\x18\x07 \x01(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0b\n\x03\x66\x65\x63\x18\t \x01(\t\x12\x16\n\tcode_rate\x18\n \x01(\x01H\x06\x88\x01\x01\x42\t\n\x07_snr_dbB\x0f\n\r_bandwidth_hzB\x0b\n\t_delay_msB\x0b\n\t_k_factorB\x14\n\x12_coherence_symbolsB\x07\n\x05_seedB\x0c\n\n_code_rate\"\xd9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12>\n\x0c\x63odec_params\x18\x07 \x03(\x0b\x32(.meg.v1.GenerateRequest.CodecParamsEntry\x12$\n\x07\x63hannel\x18\x08 \x01(\x0b\x32\x13.meg.v1.ChannelSpec\x12\x12\n\nsplit_step\x18\t \x01(\x05\x12\x11\n\treference\x18\n \x01(\x08\x12\x0e\n\x06height\x18\x0b \x01(\x05\x12\r\n\x05width\x18\x0c \x01(\x05\x1a\x32\n\x10\x43odecParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"s\n\x0cStageTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x16\n\x0etext_encode_ms\x18\x02 \x01(\x01\x12\x12\n\ndenoise_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\"\xc5\x03\n\x0cStreamHeader\x12\x14\n\x0cwire_version\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x10\n\x08\x63odec_id\x18\x04 \x01(\t\x12;\n\x0c\x63odec_params\x18\x05 \x03(\x0b\x32%.meg.v1.StreamHeader.CodecParamsEntry\x12#\n\x07tensors\x18\x06 \x03(\x0b\x32\x12.meg.v1.TensorSpec\x12)\n\x0cpayload_kind\x18\x07 \x01(\x0e\x32\x13.meg.v1.PayloadKind\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fpayload_symbols\x18\t \x01(\x04\x12%\n\x07timings\x18\n \x01(\x0b\x32\x14.meg.v1.StageTimings\x12\x12\n\nsplit_step\x18\x0b \x01(\x05\x12\x13\n\x0btotal_steps\x18\x0c \x01(\x05\x12\x16\n\x0eguidance_scale\x18\r \x01(\x02\x12\x0e\n\x06prompt\x18\x0e \x01(\t\x1a\x32\n\x10\x43odecParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x0cPayloadChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07symbols\x18\x03 \x03(\x02\"N\n\x11ReferenceFeatures\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.meg.v1.TensorSpec\x12\x14\n\x0c\x66loat32_data\x18\x02 \x01(\x0c\"\xc5\x01\n\rChannelReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06snr_db\x18\x02 \x01(\x01\x12\x14\n\x0c\x62\x61ndwidth_hz\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65lay_ms\x18\x04 \x01(\x01\x12\x0f\n\x07symbols\x18\x05 \x01(\x04\x12\x12\n\nairtime_ms\x18\x06 \x01(\x01\x12\x12\n\nbit_errors\x18\x07 \x01(\x04\x12\x0c\n\x04\x62its\x18\x08 \x01(\x04\x12\x12\n\nmodulation\x18\t \x01(\t\x12\x12\n\nchannel_ms\x18\n \x01(\x01\"\x88\x01\n\rStreamTrailer\x12\x14\n\x0ctotal_chunks\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x15\n\rtotal_symbols\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12&\n\x07\x63hannel\x18\x05 \x01(\x0b\x32\x15.meg.v1.ChannelReport\"\xc4\x01\n\x10GenerateResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.meg.v1.StreamHeaderH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.meg.v1.PayloadChunkH\x00\x12.\n\treference\x18\x03 \x01(\x0b\x32\x19.meg.v1.ReferenceFeaturesH\x00\x12(\n\x07trailer\x18\x04 \x01(\x0b\x32\x15.meg.v1.StreamTrailerH\x00\x42\x07\n\x05\x66rame*^\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14PAYLOAD_KIND_DIGITAL\x10\x01\x12\x17\n\x13PAYLOAD_KIND_ANALOG\x10\x02\x32Q\n\x0e\x45\x64geGeneration\x12?\n\x08Generate\x12\x17.meg.v1.GenerateRequest\x1a\x18.meg.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10meg/v1/meg.proto\x12\x06meg.v1\"\xc1\x02\n\x0b\x43hannelSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\x06params\x18\x0b \x03(\x0b\x32\x1f.meg.v1.ChannelSpec.ParamsEntry\x12\x19\n\x0c\x62\x61ndwidth_hz\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\x08\x64\x65lay_ms\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nmodulation\x18\x07 \x01(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x0b\n\x03\x66\x65\x63\x18\t \x01(\t\x12\x16\n\tcode_rate\x18\n \x01(\x01H\x03\x88\x01\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0f\n\r_bandwidth_hzB\x0b\n\t_delay_msB\x07\n\x05_seedB\x0c\n\n_code_rateJ\x04\x08\x02\x10\x03J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"\xd9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12>\n\x0c\x63odec_params\x18\x07 \x03(\x0b\x32(.meg.v1.GenerateRequest.CodecParamsEntry\x12$\n\x07\x63hannel\x18\x08 \x01(\x0b\x32\x13.meg.v1.ChannelSpec\x12\x12\n\nsplit_step\x18\t \x01(\x05\x12\x11\n\treference\x18\n \x01(\x08\x12\x0e\n\x06height\x18\x0b \x01(\x05\x12\r\n\x05width\x18\x0c \x01(\x05\x1a\x32\n\x10\x43odecParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"s\n\x0cStageTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x16\n\x0etext_encode_ms\x18\x02 \x01(\x01\x12\x12\n\ndenoise_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\"\xc5\x03\n\x0cStreamHeader\x12\x14\n\x0cwire_version\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x10\n\x08\x63odec_id\x18\x04 \x01(\t\x12;\n\x0c\x63odec_params\x18\x05 \x03(\x0b\x32%.meg.v1.StreamHeader.CodecParamsEntry\x12#\n\x07tensors\x18\x06 \x03(\x0b\x32\x12.meg.v1.TensorSpec\x12)\n\x0cpayload_kind\x18\x07 \x01(\x0e\x32\x13.meg.v1.PayloadKind\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fpayload_symbols\x18\t \x01(\x04\x12%\n\x07timings\x18\n \x01(\x0b\x32\x14.meg.v1.StageTimings\x12\x12\n\nsplit_step\x18\x0b \x01(\x05\x12\x13\n\x0btotal_steps\x18\x0c \x01(\x05\x12\x16\n\x0eguidance_scale\x18\r \x01(\x02\x12\x0e\n\x06prompt\x18\x0e \x01(\t\x1a\x32\n\x10\x43odecParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x0cPayloadChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07symbols\x18\x03 \x03(\x02\"N\n\x11ReferenceFeatures\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.meg.v1.TensorSpec\x12\x14\n\x0c\x66loat32_data\x18\x02 \x01(\x0c\"\xc5\x01\n\rChannelReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06snr_db\x18\x02 \x01(\x01\x12\x14\n\x0c\x62\x61ndwidth_hz\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65lay_ms\x18\x04 \x01(\x01\x12\x0f\n\x07symbols\x18\x05 \x01(\x04\x12\x12\n\nairtime_ms\x18\x06 \x01(\x01\x12\x12\n\nbit_errors\x18\x07 \x01(\x04\x12\x0c\n\x04\x62its\x18\x08 \x01(\x04\x12\x12\n\nmodulation\x18\t \x01(\t\x12\x12\n\nchannel_ms\x18\n \x01(\x01\"\x88\x01\n\rStreamTrailer\x12\x14\n\x0ctotal_chunks\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x15\n\rtotal_symbols\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12&\n\x07\x63hannel\x18\x05 \x01(\x0b\x32\x15.meg.v1.ChannelReport\"\xc4\x01\n\x10GenerateResponse\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.meg.v1.StreamHeaderH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.meg.v1.PayloadChunkH\x00\x12.\n\treference\x18\x03 \x01(\x0b\x32\x19.meg.v1.ReferenceFeaturesH\x00\x12(\n\x07trailer\x18\x04 \x01(\x0b\x32\x15.meg.v1.StreamTrailerH\x00\x42\x07\n\x05\x66rame*^\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14PAYLOAD_KIND_DIGITAL\x10\x01\x12\x17\n\x13PAYLOAD_KIND_ANALOG\x10\x02\x32Q\n\x0e\x45\x64geGeneration\x12?\n\x08Generate\x12\x17.meg.v1.GenerateRequest\x1a\x18.meg.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meg.v1.meg_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CHANNELSPEC_PARAMSENTRY']._loaded_options = None
+  _globals['_CHANNELSPEC_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST_CODECPARAMSENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_CODECPARAMSENTRY']._serialized_options = b'8\001'
   _globals['_STREAMHEADER_CODECPARAMSENTRY']._loaded_options = None
   _globals['_STREAMHEADER_CODECPARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_PAYLOADKIND']._serialized_start=2017
-  _globals['_PAYLOADKIND']._serialized_end=2111
+  _globals['_PAYLOADKIND']._serialized_start=2009
+  _globals['_PAYLOADKIND']._serialized_end=2103
   _globals['_CHANNELSPEC']._serialized_start=29
-  _globals['_CHANNELSPEC']._serialized_end=358
-  _globals['_GENERATEREQUEST']._serialized_start=361
-  _globals['_GENERATEREQUEST']._serialized_end=706
-  _globals['_GENERATEREQUEST_CODECPARAMSENTRY']._serialized_start=656
-  _globals['_GENERATEREQUEST_CODECPARAMSENTRY']._serialized_end=706
-  _globals['_TENSORSPEC']._serialized_start=708
-  _globals['_TENSORSPEC']._serialized_end=764
-  _globals['_STAGETIMINGS']._serialized_start=766
-  _globals['_STAGETIMINGS']._serialized_end=881
-  _globals['_STREAMHEADER']._serialized_start=884
-  _globals['_STREAMHEADER']._serialized_end=1337
-  _globals['_STREAMHEADER_CODECPARAMSENTRY']._serialized_start=656
-  _globals['_STREAMHEADER_CODECPARAMSENTRY']._serialized_end=706
-  _globals['_PAYLOADCHUNK']._serialized_start=1339
-  _globals['_PAYLOADCHUNK']._serialized_end=1397
-  _globals['_REFERENCEFEATURES']._serialized_start=1399
-  _globals['_REFERENCEFEATURES']._serialized_end=1477
-  _globals['_CHANNELREPORT']._serialized_start=1480
-  _globals['_CHANNELREPORT']._serialized_end=1677
-  _globals['_STREAMTRAILER']._serialized_start=1680
-  _globals['_STREAMTRAILER']._serialized_end=1816
-  _globals['_GENERATERESPONSE']._serialized_start=1819
-  _globals['_GENERATERESPONSE']._serialized_end=2015
-  _globals['_EDGEGENERATION']._serialized_start=2113
-  _globals['_EDGEGENERATION']._serialized_end=2194
+  _globals['_CHANNELSPEC']._serialized_end=350
+  _globals['_CHANNELSPEC_PARAMSENTRY']._serialized_start=234
+  _globals['_CHANNELSPEC_PARAMSENTRY']._serialized_end=279
+  _globals['_GENERATEREQUEST']._serialized_start=353
+  _globals['_GENERATEREQUEST']._serialized_end=698
+  _globals['_GENERATEREQUEST_CODECPARAMSENTRY']._serialized_start=648
+  _globals['_GENERATEREQUEST_CODECPARAMSENTRY']._serialized_end=698
+  _globals['_TENSORSPEC']._serialized_start=700
+  _globals['_TENSORSPEC']._serialized_end=756
+  _globals['_STAGETIMINGS']._serialized_start=758
+  _globals['_STAGETIMINGS']._serialized_end=873
+  _globals['_STREAMHEADER']._serialized_start=876
+  _globals['_STREAMHEADER']._serialized_end=1329
+  _globals['_STREAMHEADER_CODECPARAMSENTRY']._serialized_start=648
+  _globals['_STREAMHEADER_CODECPARAMSENTRY']._serialized_end=698
+  _globals['_PAYLOADCHUNK']._serialized_start=1331
+  _globals['_PAYLOADCHUNK']._serialized_end=1389
+  _globals['_REFERENCEFEATURES']._serialized_start=1391
+  _globals['_REFERENCEFEATURES']._serialized_end=1469
+  _globals['_CHANNELREPORT']._serialized_start=1472
+  _globals['_CHANNELREPORT']._serialized_end=1669
+  _globals['_STREAMTRAILER']._serialized_start=1672
+  _globals['_STREAMTRAILER']._serialized_end=1808
+  _globals['_GENERATERESPONSE']._serialized_start=1811
+  _globals['_GENERATERESPONSE']._serialized_end=2007
+  _globals['_EDGEGENERATION']._serialized_start=2105
+  _globals['_EDGEGENERATION']._serialized_end=2186
 # @@protoc_insertion_point(module_scope)

@@ -17,28 +17,31 @@ PAYLOAD_KIND_DIGITAL: PayloadKind
 PAYLOAD_KIND_ANALOG: PayloadKind
 
 class ChannelSpec(_message.Message):
-    __slots__ = ("model", "snr_db", "bandwidth_hz", "delay_ms", "k_factor", "coherence_symbols", "modulation", "seed", "fec", "code_rate")
+    __slots__ = ("model", "params", "bandwidth_hz", "delay_ms", "modulation", "seed", "fec", "code_rate")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    SNR_DB_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTH_HZ_FIELD_NUMBER: _ClassVar[int]
     DELAY_MS_FIELD_NUMBER: _ClassVar[int]
-    K_FACTOR_FIELD_NUMBER: _ClassVar[int]
-    COHERENCE_SYMBOLS_FIELD_NUMBER: _ClassVar[int]
     MODULATION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     FEC_FIELD_NUMBER: _ClassVar[int]
     CODE_RATE_FIELD_NUMBER: _ClassVar[int]
     model: str
-    snr_db: float
+    params: _containers.ScalarMap[str, float]
     bandwidth_hz: float
     delay_ms: float
-    k_factor: float
-    coherence_symbols: int
     modulation: str
     seed: int
     fec: str
     code_rate: float
-    def __init__(self, model: _Optional[str] = ..., snr_db: _Optional[float] = ..., bandwidth_hz: _Optional[float] = ..., delay_ms: _Optional[float] = ..., k_factor: _Optional[float] = ..., coherence_symbols: _Optional[int] = ..., modulation: _Optional[str] = ..., seed: _Optional[int] = ..., fec: _Optional[str] = ..., code_rate: _Optional[float] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., params: _Optional[_Mapping[str, float]] = ..., bandwidth_hz: _Optional[float] = ..., delay_ms: _Optional[float] = ..., modulation: _Optional[str] = ..., seed: _Optional[int] = ..., fec: _Optional[str] = ..., code_rate: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "seed", "steps", "guidance_scale", "codec", "codec_params", "channel", "split_step", "reference", "height", "width")
