@@ -46,6 +46,8 @@ class ChannelServiceConfig:
     metrics_port: int = field(default=9102, metadata={"help": "Prometheus metrics port (0 disables)"})
     edge: str = field(default="127.0.0.1:50051", metadata={"help": "edge address host:port"})
     grace_s: float = field(default=10.0, metadata={"help": "seconds to drain streams at shutdown"})
+    insecure_grpc: bool = field(default=False, metadata={
+        "help": "serve plaintext gRPC off loopback (default: refused without --tls-dir)"})
 
 
 class EdgeUpstream:
@@ -189,7 +191,7 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
         self.metrics.observe_stage(labels, "channel", channel_s)
         self.metrics.request_symbols.labels(**labels).observe(link.symbols)
         if link.payload.kind == "digital":
-            self.metrics.request_bits.labels(**labels).observe(d.received.payload.bits_sent)
+            self.metrics.payload_bytes.labels(**labels).observe(d.received.payload.bits_sent / 8)
             if spec.snr_db is not None and link.symbols:
                 self.metrics.rate_capacity_ratio.labels(**labels).observe(
                     delivered_bits(link) / link.symbols / shannon_capacity_bits_per_symbol(spec.snr_db))
@@ -240,11 +242,14 @@ async def serve(config: ChannelServiceConfig, ready: asyncio.Event | None = None
     api = ChannelApi(upstream, Link(), metrics)
     server_config = GrpcServerConfig(
         "channel emulator", config.host, config.port, config.metrics_port, config.grace_s,
-        options=[("grpc.max_receive_message_length", 64 * 1024), ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        options=[("grpc.max_receive_message_length", 64 * 1024), ("grpc.max_send_message_length", 64 * 1024 * 1024)],
+        insecure=config.insecure_grpc)
+    # Under mutual TLS only the device may call the emulator (and only the emulator may call the edge).
+    peers = ("device",) if credentials is not None else ()
     log.info("channel emulator → edge %s", config.edge)
     await run_grpc_service(
         server_config,
         lambda server: add_streaming_api(server, api, metrics, SERVICE_NAME, "Generate", meg_pb2.GenerateRequest,
-                                         meg_pb2.GenerateResponse),
+                                         meg_pb2.GenerateResponse, allowed_peers=peers),
         metrics, credentials=credentials, health_status={SERVICE_NAME: NOT_SERVING},
         background=[_watch_upstream(upstream), _warm_up], on_stop=upstream.close, ready=ready)

@@ -49,6 +49,9 @@ class DeviceConfig:
     max_in_flight: int = field(default=64, metadata={"help": "requests served at once before 503"})
     max_images: int = field(default=512, metadata={"help": "images kept in memory for GET /v1/images"})
     max_body_bytes: int = field(default=64 * 1024, metadata={"help": "largest request body (413 beyond)"})
+    body_timeout_s: float = field(default=30.0, metadata={"help": "deadline to receive a request body (408)"})
+    header_timeout_s: float = field(default=10.0, metadata={"help": "deadline to receive request headers"})
+    max_connections: int = field(default=256, metadata={"help": "open HTTP connections at most (503 beyond)"})
     default_steps: int = field(default=20, metadata={"help": "denoising steps when a request sets none"})
     default_guidance: float = field(default=4.0, metadata={"help": "guidance scale when a request sets none"})
     default_codec: str = field(default="raw-fp16", metadata={"help": "codec when a request sets none"})
@@ -129,7 +132,7 @@ def create_app(config: DeviceConfig) -> Any:
     _add_error_handlers(app)
     _add_page_routes(app, state)
     _add_api_routes(app, state)
-    guarded = DeviceGuard(app, config.api_keys, config.max_body_bytes)
+    guarded = DeviceGuard(app, config.api_keys, config.max_body_bytes, config.body_timeout_s)
     guarded.state = app.state  # type: ignore[attr-defined]  (tests reach the state through the app)
     return guarded
 

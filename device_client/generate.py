@@ -183,7 +183,7 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
             self.metrics.image_ms_ssim.labels(**labels).observe(out.quality["ms_ssim"])
         self.metrics.observe_stage(labels, "decode", d.decode_s)
         self.metrics.observe_stage(labels, "end_to_end", out.timings_ms.total / 1e3)
-        self.metrics.request_bits.labels(**labels).observe(out.bits_sent)
+        self.metrics.payload_bytes.labels(**labels).observe(out.bits_sent / 8)
         self.metrics.request_symbols.labels(**labels).observe(out.symbols_sent)
         log.info("%s over %s: %d bits, %d symbols, %.1f ms", out.codec, d.work.spec.model, out.bits_sent,
                  out.symbols_sent, out.timings_ms.total)

@@ -12,6 +12,7 @@ Routes that stay open without a key: ``/``, ``/static/*``, ``/healthz``, ``/metr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from typing import Any, Awaitable, Callable
@@ -62,10 +63,12 @@ async def send_json(send: Send, status: int, body: dict[str, Any], headers: tupl
 class DeviceGuard:
     """Authentication before the body and a streaming body limit around the device app."""
 
-    def __init__(self, app: App, api_keys: tuple[str, ...], max_body_bytes: int) -> None:
+    def __init__(self, app: App, api_keys: tuple[str, ...], max_body_bytes: int, body_timeout_s: float = 30.0
+                 ) -> None:
         self.app = app
         self.api_keys = api_keys
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,11 +90,24 @@ class DeviceGuard:
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         seen = 0
         started = False
+        body_done = False
+
+        def body_done_now(message: Message) -> None:
+            nonlocal body_done
+            body_done = body_done or not message.get("more_body", False)
 
         async def counting_receive() -> Message:
             nonlocal seen
-            message = await receive()
+            if not body_done:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                except asyncio.TimeoutError:
+                    raise HTTPException(408, f"request body not received within {self.body_timeout_s:.0f} s",
+                                        headers={"connection": "close"}) from None
+            else:
+                message = await receive()  # after the body: waiting for a disconnect, with no deadline
             if message["type"] == "http.request":
+                body_done_now(message)
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise BodyTooLarge(self.max_body_bytes)
