@@ -158,11 +158,11 @@ def evaluate(net: JsccNet, ratio: float, latents: torch.Tensor, targets: torch.T
              decoder: torch.nn.Module) -> dict[str, float]:
     """Pixel PSNR (dB) against the clean decode at a few SNRs, AWGN and Rayleigh (the torch channel)."""
     out = {}
-    for kind in ("awgn", "rayleigh"):
+    for kind, fading in (("awgn", False), ("rayleigh", True)):
         for snr_db in (-5.0, 0.0, 10.0, 20.0):
             torch.manual_seed(1)
             snr = torch.full((latents.shape[0],), snr_db)
-            est = forward_link(net, latents, snr, torch.full_like(snr, kind == "rayleigh", dtype=torch.bool), ratio)
+            est = forward_link(net, latents, snr, torch.full_like(snr, fading, dtype=torch.bool), ratio)
             mse = torch.nn.functional.mse_loss(decode_image(decoder, est).clamp(0, 1), targets).item()
             out[f"{kind}@{snr_db:g}"] = round(-10 * math.log10(max(mse, 1e-10)), 2)
     return out

@@ -25,10 +25,14 @@ def _rss_mb(pid: int) -> float:
 
 
 def _metric(url: str, name: str, labels: str) -> float:
-    text = httpx.get(url, timeout=5).text
-    pattern = rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$"
-    values = [float(m.group(1)) for m in re.finditer(pattern, text, re.M)]
-    return sum(values)
+    """Sum of the samples of ``name`` whose labels include ``labels`` (``k="v",...``; any order)."""
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", httpx.get(url, timeout=5).text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(have.get(k) == v for k, v in want.items()):
+            total += float(m.group(2))
+    return total
 
 
 def _wait_for(predicate, deadline_s: float, what: str) -> None:  # noqa: ANN001
