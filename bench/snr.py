@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 import codec
 from codec.base import CodecError
-from device_client.receiver import receive_features
+from device_client.receiver import link_may_have_damaged, receive_features
 from radio import ChannelSpec, is_noiseless
 from radio.link import Link
 from wire.payload import EncodedPayload
@@ -243,7 +243,7 @@ class Transmitter:
             results = [self.link.send(spec, p, generator) for p in self._payloads]
         out, erased = [], []
         for payload, res in zip(self._payloads, results):
-            rx = receive_features(self._codec, res.payload, res.bit_errors > 0)
+            rx = receive_features(self._codec, res.payload, link_may_have_damaged(spec, res.payload, res.erased))
             out.append(rx.tensors["latents"][0])
             erased.append(1.0 if rx.concealed else res.erased_bytes / max(len(payload.data), 1))
         return CellResult(torch.stack(out), [r.symbols for r in results], [p.bits_sent for p in self._payloads],

@@ -182,7 +182,8 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
             model=spec.model, snr_db=spec.snr_db if spec.snr_db is not None else math.inf,
             bandwidth_hz=spec.link.bandwidth_hz, delay_ms=spec.link.delay_ms, symbols=link.symbols,
             airtime_ms=1e3 * airtime_s, bit_errors=link.bit_errors, bits=link.bits,
-            modulation=spec.link.modulation if digital else "analog", channel_ms=1e3 * channel_s)
+            modulation=spec.link.modulation if digital else "analog", channel_ms=1e3 * channel_s,
+            erased=[meg_pb2.ByteRange(start=a, end=b) for a, b in link.erased])
 
     def _observe(self, d: Delivery, ctx: CallContext, airtime_s: float, channel_s: float) -> None:
         spec, link = d.work.spec, d.link

@@ -20,7 +20,7 @@ from device_client.decoders import DecoderBank, DecoderUnavailableError
 from device_client.finisher import SplitFinisher
 from device_client.link import DeviceLink, LinkError
 from device_client.quality import ms_ssim_score, psnr_db
-from device_client.receiver import Reception, receive_features
+from device_client.receiver import link_may_have_damaged, receive_features
 from device_client.schemas import GenerateIn, GenerateOut, Timings, channel_spec, codec_problem
 from meg.v1 import meg_pb2
 from radio import ChannelError, ChannelSpec
@@ -128,17 +128,20 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
             self.in_flight -= 1
         t_dec = time.perf_counter()
         try:
-            image, reference, concealed = await asyncio.to_thread(self._decode, received, work.decoder)
+            image, reference, concealed = await asyncio.to_thread(self._decode, received, work.spec, work.decoder)
         except (DecoderUnavailableError, CodecError, ValueError) as exc:
             raise RequestError(Status.BAD_STREAM, f"device could not decode the features: {exc}",
                                label="decode_failed") from exc
         return Decoded(work, received, image, reference, concealed, time.perf_counter() - t_dec)
 
-    def _decode(self, received: ReceivedStream, decoder_kind: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    def _decode(self, received: ReceivedStream, spec: ChannelSpec, decoder_kind: str
+                ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Features → image (and the clean reference image when the edge sent reference features)."""
         header = received.header
         feature_codec = codec.build_codec(header.codec_id, dict(header.codec_params), CODEC_WEIGHTS)
-        reception = receive_features(feature_codec, received.payload, received.trailer.channel.bit_errors > 0)
+        erased = [(r.start, r.end) for r in received.trailer.channel.erased]
+        damaged = link_may_have_damaged(spec, received.payload, erased)
+        reception = receive_features(feature_codec, received.payload, damaged)
         decoder = self.decoders.get(decoder_kind)
 
         def to_image(features: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from codec.base import Codec
+from radio import ChannelSpec
 from wire.payload import CodecError, EncodedPayload, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,15 @@ class Reception:
 def conceal(infos: list[TensorInfo]) -> dict[str, torch.Tensor]:
     """The concealment of a lost payload: the prior mean (zero latents), which decodes to a flat image."""
     return {info.name: torch.zeros(info.shape) for info in infos}
+
+
+def link_may_have_damaged(spec: ChannelSpec, payload: EncodedPayload, erased: list[tuple[int, int]]) -> bool:
+    """What a receiver can know, never the simulator's error count: a noisy channel may have damaged an
+    unprotected (``fec: "none"``) digital payload, and the PHY reports which LDPC blocks failed their CRC.
+    Analog payloads are never "damaged": noise is what their decoder is trained for."""
+    if spec.noiseless or payload.kind == "analog":
+        return False
+    return spec.link.fec == "none" or bool(erased)
 
 
 def receive_features(feature_codec: Codec, payload: EncodedPayload, link_damaged: bool) -> Reception:
