@@ -61,8 +61,10 @@ class ChannelBlock(abc.ABC):
     #: True for a fading channel: the analog receiver equalises with its CSI (AWGN needs no equaliser)
     fading: ClassVar[bool] = False
 
-    def __init__(self, params: ChannelParams | None = None) -> None:
+    def __init__(self, params: ChannelParams | None = None, symbol_rate_hz: float = 1.0e6) -> None:
         params = params if params is not None else self.Params()
+        #: complex channel uses per second (time-varying models turn symbol counts into time with it)
+        self.symbol_rate_hz = symbol_rate_hz
         if not isinstance(params, self.Params):
             raise ChannelError(f"channel.model: {self.name} takes {self.Params.__name__}, "
                                f"got {type(params).__name__}")
@@ -139,10 +141,19 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def block_fading(rows: int, n: int, coherence: int, generator: torch.Generator | None, device: torch.device,
-                 los: torch.Tensor | None = None, scatter_gain: float = 1.0) -> torch.Tensor:
-    """Gains constant over blocks of ``coherence`` symbols: ``los + scatter_gain · CN(0, 1)`` per block."""
+                 los: torch.Tensor | None = None, scatter_gain: float = 1.0, correlation: float = 0.0) -> torch.Tensor:
+    """Gains constant over blocks of ``coherence`` symbols: ``los + scatter_gain · g_k`` per block, where the
+    scatter g_k ~ CN(0, 1) follows a first-order Gauss–Markov process with ``correlation`` between consecutive
+    blocks (0: independent blocks)."""
     blocks = max(1, math.ceil(n / coherence))
-    h = complex_normal((rows, blocks), generator, device) * scatter_gain
+    w = complex_normal((rows, blocks), generator, device)
+    if correlation > 0.0:
+        innovation = math.sqrt(1.0 - correlation ** 2)
+        g = [w[:, 0]]
+        for k in range(1, blocks):
+            g.append(correlation * g[-1] + innovation * w[:, k])
+        w = torch.stack(g, dim=1)
+    h = w * scatter_gain
     if los is not None:
         h = h + los.to(device).reshape(-1, 1)
     return h.repeat_interleave(coherence, dim=1)[:, :n]

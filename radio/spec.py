@@ -84,7 +84,7 @@ class ChannelSpec:
         return getattr(self.params, "snr_db", None)
 
     def block(self) -> ChannelBlock:
-        return build_block(self.model, self.params)
+        return build_block(self.model, self.params, self.link.bandwidth_hz)
 
     def to_mapping(self) -> dict[str, Any]:
         """The flat mapping a REST client would send (defaults included; unset optionals left out)."""

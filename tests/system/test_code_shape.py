@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("edge_server", "channel_sim", "device_client")
 PACKAGES = (*SERVICES, "codec", "wire", "serving", "telemetry", "models", "meg_cli", "bench", "security")
-CHANNEL_NAMES = {"ideal", "awgn", "rayleigh", "rician"}
+CHANNEL_NAMES = {"ideal", "awgn", "rayleigh", "rician", "gilbert-elliott"}
 MAX_FUNCTION_LINES = 60
 
 
