@@ -1,33 +1,40 @@
-"""The edge gRPC service: validates a request, queues it for batched denoising, encodes the latents with
-the requested codec and streams header, chunks, optional reference and trailer (``meg.v1``)."""
+"""The edge gRPC service (``meg.v1.EdgeGeneration/Generate``) as a :class:`serving.contract.StreamingApi`:
+
+* ``decode_request`` validates the request (naming the field) and builds the denoising job and the codec;
+* ``run`` queues the job on the step scheduler (:mod:`edge_server.scheduler`) and encodes the latents;
+* ``encode_response`` frames header, chunks, optional reference and trailer.
+
+Request ids, the in-flight gauge, the request counter and status mapping are the shared adapter's
+(:mod:`serving.grpc_service`), and so is the server with its health checks and graceful drain.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import logging
-import signal
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
-from google.protobuf.message import DecodeError
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
 import codec
-from wire import framing
 from codec.base import CodecError
-from edge_server.backends import TextToImageBackend, load_backend
-from edge_server.engine import BatchingEngine, EngineConfig, EngineStoppedError, Job, QueueFullError
-from meg.v1 import meg_pb2, meg_pb2_grpc
-from radio import channel_names
-from telemetry.logs import reset_request_id, set_request_id
+from edge_server.diffusion import DiffusionJob, DiffusionStepModel
+from edge_server.scheduler import (
+    Completion, QueueFullError, SchedulerConfig, SchedulerStoppedError, StepScheduler,
+)
+from meg.v1 import meg_pb2
+from models.backends import TextToImageBackend, load_backend
+from radio import channel_names, is_noiseless
+from serving.contract import CallContext, RequestError, Status, StreamingApi
+from serving.grpc_service import SERVING, GrpcServerConfig, add_streaming_api, run_grpc_service
+from serving.registry import UnknownNameError
 from telemetry.metrics import MegMetrics
+from wire import framing
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,7 @@ class EdgeConfig:
     model_dir: Path = field(default_factory=default_model_dir)
     device: str = "cpu"
     dtype: str = "float32"
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: SchedulerConfig = field(default_factory=SchedulerConfig)
     grace_s: float = 10.0
 
     def torch_dtype(self) -> torch.dtype:
@@ -59,8 +66,6 @@ class EdgeConfig:
             return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
         except KeyError:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}") from None
-
-
 
 
 def validate_request(request: meg_pb2.GenerateRequest) -> str | None:
@@ -80,114 +85,131 @@ def validate_request(request: meg_pb2.GenerateRequest) -> str | None:
     return None
 
 
-class EdgeServicer(meg_pb2_grpc.EdgeGenerationServicer):
-    def __init__(self, backend: TextToImageBackend, engine: BatchingEngine, metrics: MegMetrics) -> None:
+def channel_label(model: str) -> str:
+    """A bounded metric label for a channel model name: registered names as they are, else "other"
+    (the edge does not validate the channel; the channel emulator does)."""
+    if not model:
+        return "-"
+    return model if model in channel_names() else "other"
+
+
+def link_is_noisy(model: str) -> bool:
+    """Whether the link adds noise; a model the edge does not know counts as noisy (the emulator decides)."""
+    if not model:
+        return False
+    try:
+        return not is_noiseless(model)
+    except UnknownNameError:
+        return True
+
+
+@dataclass
+class EdgeWork:
+    """A validated request: the denoising job and the codec that will encode its result."""
+
+    request: meg_pb2.GenerateRequest
+    job: DiffusionJob
+    codec: codec.Codec
+
+
+@dataclass
+class EdgeResult:
+    work: EdgeWork
+    completion: Completion[torch.Tensor]
+    features: dict[str, torch.Tensor]
+    payload: codec.EncodedPayload
+    encode_s: float
+
+
+class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb2.GenerateResponse]):
+    service = "edge"
+
+    def __init__(self, backend: TextToImageBackend, scheduler: StepScheduler, metrics: MegMetrics,
+                 encode_threads: int | None = None) -> None:
         self.backend = backend
-        self.engine = engine
+        self.scheduler = scheduler
         self.metrics = metrics
         # Codec encoding runs here, off the event loop and off the compute thread, so it overlaps the next
-        # batch's denoising.
-        self._encode_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="edge-encode")
+        # steps' denoising. Its threads set their own torch thread count (torch's is per thread).
+        threads = encode_threads or scheduler.cpu_threads
+        self._encode_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="edge-encode",
+            initializer=(lambda: torch.set_num_threads(threads)) if threads else None)
         self._codec_weights = Path(codec.__file__).resolve().parent / "weights"
 
-    async def Generate(self, request: meg_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[meg_pb2.GenerateResponse]:
-        request_id = request.request_id or uuid.uuid4().hex[:16]
-        token = set_request_id(request_id)
-        channel_model = request.channel.model or "ideal"
-        snr = request.channel.params["snr_db"] if "snr_db" in request.channel.params else None
-        # Label values come from fixed sets only: a request's free text must not create metric series.
+    def metric_labels(self, request: meg_pb2.GenerateRequest) -> tuple[str, str]:
         codec_label = request.codec if request.codec in codec.codec_names() else "invalid"
-        channel_label = channel_model if channel_model in channel_names() else "other"
-        labels = self.metrics.labels(self.backend.model_id, codec_label, channel_label, snr)
-        self.metrics.in_flight.labels("edge").inc()
-        status = "ok"
+        return codec_label, channel_label(request.channel.model)
+
+    async def decode_request(self, request: meg_pb2.GenerateRequest, ctx: CallContext) -> EdgeWork:
+        problem = validate_request(request)
+        if problem:
+            raise RequestError(Status.INVALID, problem)
+        snr = request.channel.snr_db if request.channel.HasField("snr_db") else None
+        codec_label, chan_label = self.metric_labels(request)
+        ctx.labels = self.metrics.labels(self.backend.model_id, codec_label, chan_label, snr)
         try:
-            problem = validate_request(request)
-            if problem:
-                status = "invalid"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-            try:
-                shape = self.backend.latent_shape(request.height, request.width)
-                params = dict(request.codec_params)
-                # SNR-adaptive codecs (JSCC) take the link's SNR as side information.
-                if snr is not None:
-                    params.setdefault("channel_snr_db", f"{snr:g}")
-                feature_codec = codec.build_codec(request.codec, params, self._codec_weights)
-            except (ValueError, CodecError) as exc:
-                status = "invalid"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            loop = asyncio.get_running_loop()
-            job = Job(request_id, request.prompt, request.seed, request.steps, request.guidance_scale,
-                      request.split_step, shape, loop, loop.create_future())
-            try:
-                result = await self.engine.submit(job)
-            except QueueFullError as exc:
-                status = "overloaded"
-                self.metrics.error("queue_full")
-                await context.send_initial_metadata((("retry-after", f"{exc.retry_after_s:.0f}"),))
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            except EngineStoppedError as exc:
-                status = "unavailable"
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            t_enc = time.perf_counter()
-            tensor_name = "noisy_latents" if request.split_step else "latents"
-            features = {tensor_name: result.latents.unsqueeze(0)}
-            try:
-                payload = await loop.run_in_executor(self._encode_pool, feature_codec.encode, features)
-            except CodecError as exc:
-                # Parameters that only show their problem on real features (e.g. a codec_param out of range
-                # for this tensor) are the caller's error, not the server's.
-                status = "invalid"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"codec_params: {exc}")
-            encode_s = time.perf_counter() - t_enc
-            for stage, seconds in (("queue_wait", result.queue_s), ("text_encode", result.text_encode_s),
-                                   ("denoise", result.denoise_s), ("encode", encode_s)):
-                self.metrics.observe_stage(labels, stage, seconds)
-            timings = meg_pb2.StageTimings(queue_ms=1e3 * result.queue_s, text_encode_ms=1e3 * result.text_encode_s,
-                                           denoise_ms=1e3 * result.denoise_s, encode_ms=1e3 * encode_s,
-                                           batch_size=result.batch_size)
-            yield framing.header_frame(payload, request_id=request_id, model_id=self.backend.model_id,
-                                    codec_id=request.codec, timings=timings, split_step=request.split_step,
-                                    total_steps=request.steps, guidance_scale=request.guidance_scale,
-                                    prompt=request.prompt)
-            chunks = 0
-            for frame in framing.chunk_frames(payload):
-                chunks += 1
-                yield frame
-            if request.reference:
-                yield framing.reference_frame(features)
-            yield framing.trailer_frame(payload, chunks)
-            log.info("served %s: %s, %d bits, %d symbols, batch %d", request.codec, tuple(features[tensor_name].shape),
-                     payload.bits_sent, payload.symbols_sent, result.batch_size)
-        except asyncio.CancelledError:
-            status = "cancelled"
-            log.info("request cancelled by the client")
-            raise
-        finally:
-            self.metrics.in_flight.labels("edge").dec()
-            self.metrics.requests.labels("edge", codec_label, channel_label, status).inc()
-            reset_request_id(token)
+            shape = self.backend.latent_shape(request.height, request.width)
+            params = dict(request.codec_params)
+            # SNR-adaptive codecs (JSCC) take the link's SNR as side information.
+            if snr is not None and link_is_noisy(request.channel.model):
+                params.setdefault("channel_snr_db", f"{snr:g}")
+            feature_codec = codec.build_codec(request.codec, params, self._codec_weights)
+        except (ValueError, CodecError) as exc:
+            raise RequestError(Status.INVALID, str(exc)) from None
+        job = DiffusionJob(request.prompt, request.seed, request.steps, request.guidance_scale, request.split_step,
+                           shape)
+        return EdgeWork(request, job, feature_codec)
 
-
-def _register_legacy(servicer: EdgeServicer, server: grpc.aio.Server) -> None:
-    """TEMPORARY until the edge implements serving.contract.StreamingApi (then use add_streaming_api)."""
-    def parse(blob: bytes) -> meg_pb2.GenerateRequest | None:
+    async def run(self, work: EdgeWork, ctx: CallContext) -> EdgeResult:
         try:
-            return meg_pb2.GenerateRequest.FromString(blob)
-        except DecodeError:
-            return None
+            completion = await self.scheduler.submit(work.job, ctx.request_id)
+        except QueueFullError as exc:
+            raise RequestError(Status.OVERLOADED, str(exc), retry_after_s=exc.retry_after_s) from None
+        except SchedulerStoppedError as exc:
+            raise RequestError(Status.UNAVAILABLE, str(exc)) from None
+        tensor_name = "noisy_latents" if work.job.split_step else "latents"
+        features = {tensor_name: completion.value.unsqueeze(0)}
+        started = time.perf_counter()
+        try:
+            payload = await asyncio.get_running_loop().run_in_executor(self._encode_pool, work.codec.encode,
+                                                                       features)
+        except CodecError as exc:
+            # Parameters that only show their problem on real features (e.g. a codec_param out of range for
+            # this tensor) are the caller's error, not the server's.
+            raise RequestError(Status.INVALID, f"codec_params: {exc}") from None
+        result = EdgeResult(work, completion, features, payload, time.perf_counter() - started)
+        self._observe(result, ctx)
+        return result
 
-    async def generate(request: meg_pb2.GenerateRequest | None, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[meg_pb2.GenerateResponse]:
-        if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request does not parse")
-        async for frame in servicer.Generate(request, context):
+    def _observe(self, result: EdgeResult, ctx: CallContext) -> None:
+        c = result.completion
+        for stage, seconds in (("queue_wait", c.queue_s), ("text_encode", c.admit_s), ("denoise", c.run_s),
+                               ("encode", result.encode_s)):
+            self.metrics.observe_stage(ctx.labels, stage, seconds)
+
+    async def encode_response(self, result: EdgeResult, ctx: CallContext) -> AsyncIterator[meg_pb2.GenerateResponse]:
+        request, c, payload = result.work.request, result.completion, result.payload
+        timings = meg_pb2.StageTimings(queue_ms=1e3 * c.queue_s, text_encode_ms=1e3 * c.admit_s,
+                                       denoise_ms=1e3 * c.run_s, encode_ms=1e3 * result.encode_s,
+                                       batch_size=round(c.mean_batch))
+        yield framing.header_frame(payload, request_id=ctx.request_id, model_id=self.backend.model_id,
+                                   codec_id=request.codec, timings=timings, split_step=request.split_step,
+                                   total_steps=request.steps, guidance_scale=request.guidance_scale,
+                                   prompt=request.prompt)
+        chunks = 0
+        for frame in framing.chunk_frames(payload):
+            chunks += 1
             yield frame
+        if request.reference:
+            yield framing.reference_frame(result.features)
+        yield framing.trailer_frame(payload, chunks)
+        log.info("served %s: %s, %d bits, %d symbols, %d steps at mean batch %.1f", request.codec,
+                 tuple(next(iter(result.features.values())).shape), payload.bits_sent, payload.symbols_sent,
+                 c.steps, c.mean_batch)
 
-    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
-        generate, request_deserializer=parse, response_serializer=meg_pb2.GenerateResponse.SerializeToString)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    def close(self) -> None:
+        self._encode_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def grpc_server_options() -> list[tuple[str, int]]:
@@ -203,34 +225,21 @@ async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
     """Run the edge until SIGINT/SIGTERM, then drain in-flight work for up to ``grace_s``."""
     metrics = MegMetrics("edge")
     backend = load_backend(config.model_dir, device=config.device, dtype=config.torch_dtype())
-    engine = BatchingEngine(backend, config.engine, metrics)
-    server = grpc.aio.server(options=grpc_server_options())
-    _register_legacy(EdgeServicer(backend, engine, metrics), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = f"{config.host}:{config.port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if not bound:
-        raise OSError(f"edge could not bind {address}")
-    if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("edge serving %s on %s (metrics :%s), batch ≤ %d, window %.0f ms, queue ≤ %d, cpu threads %s",
-             backend.model_id, address, config.metrics_port or "off", config.engine.max_batch,
-             config.engine.window_ms, config.engine.max_queue, engine.cpu_threads or "-")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    if ready is not None:
-        ready.set()
-    await stop.wait()
-    log.info("edge shutting down: draining for up to %.0f s", config.grace_s)
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.grace_s)
-    await loop.run_in_executor(None, engine.stop, True, config.grace_s)
+    scheduler = StepScheduler(DiffusionStepModel(backend), config.engine, metrics, cpu=backend.device.type == "cpu")
+    api = EdgeApi(backend, scheduler, metrics)
+
+    def register(server: grpc.aio.Server) -> None:
+        add_streaming_api(server, api, metrics, SERVICE_NAME, "Generate", meg_pb2.GenerateRequest,
+                          meg_pb2.GenerateResponse)
+
+    async def on_stop() -> None:
+        await asyncio.get_running_loop().run_in_executor(None, scheduler.stop, True, config.grace_s)
+        api.close()
+
+    e = config.engine
+    log.info("edge model %s, %s scheduler, batch ≤ %d, window %.0f ms, queue ≤ %d, cpu threads %s",
+             backend.model_id, e.policy, e.max_batch, e.window_ms, e.max_queue, scheduler.cpu_threads or "-")
+    server = GrpcServerConfig("edge", config.host, config.port, config.metrics_port, config.grace_s,
+                              grpc_server_options())
+    await run_grpc_service(server, register, metrics, credentials=credentials, health_status={SERVICE_NAME: SERVING},
+                           on_stop=on_stop, ready=ready)

@@ -1,36 +1,55 @@
-"""The classifier-free-guided denoising loop, shared by the edge (steps 1..k) and a split-point device
-(steps k+1..N). Both sides must run exactly the same arithmetic for a split to be seamless, so it lives in
-one place outside either service.
+"""The one classifier-free-guided denoising loop: the edge's step scheduler, the split-point device finisher,
+the reference sampler (:func:`models.sampling.generate_latents`) and the benchmarks all advance latents with
+:func:`denoise_step`. Both sides of a split must run exactly the same arithmetic for the split to be seamless,
+so it lives in one place outside either service.
 
-Batching: one call denoises several requests at once. Each row keeps its own initial noise (seeded per
-request) and its own guidance scale; rows must share the step count and latent shape.
+Every request is a :class:`DenoiseRow` with its *own* scheduler object and its own slice of timesteps. That is
+what lets rows at different steps, with different step counts or split points, share one batched model call
+(the denoiser takes a (B,) timestep tensor), and lets rows join and leave a running batch at any step
+boundary: nothing in a row depends on which other rows share its batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 
 
 Conditioning = dict[str, torch.Tensor]
-#: (model input (2B, ...), timestep, conditioning of the 2B rows: uncond first, then cond) -> prediction (2B, ...)
+#: (model input (2B, ...), timesteps (2B,), conditioning of the 2B rows: uncond first, then cond) -> prediction
 Predictor = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 
 
 @dataclass
-class DenoiseRows:
-    """Per-row state of a batched denoising run. Conditioning tensors are batch-first, one row a request."""
+class DenoiseRow:
+    """One request's denoising state. Tensors are batch-first with one row: latents (1, C, H, W) in scheduler
+    space, conditioning such as ``{"encoder_hidden_states": (1, L, D)}`` plus pooled embeddings."""
 
-    latents: torch.Tensor          # (B, C, H, W), scheduler space
-    cond: Conditioning             # e.g. {"encoder_hidden_states": (B, L, D)}, plus pooled embeddings ...
+    latents: torch.Tensor
+    cond: Conditioning
     uncond: Conditioning           # the same keys for the empty prompt
-    guidance: torch.Tensor         # (B,) guidance scales
+    guidance: float
+    scheduler: Any                 # a diffusers scheduler owned by this row alone
+    timesteps: torch.Tensor        # the timesteps this row runs, in order (a slice of scheduler.timesteps)
+    generator: torch.Generator | None = None   # for stochastic schedulers (ancestral, SDE)
+    done_steps: int = 0
+    _step_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def select(self, idx: torch.Tensor) -> "DenoiseRows":
-        return DenoiseRows(self.latents[idx], {k: v[idx] for k, v in self.cond.items()},
-                           {k: v[idx] for k, v in self.uncond.items()}, self.guidance[idx])
+    @property
+    def finished(self) -> bool:
+        return self.done_steps >= len(self.timesteps)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.timesteps) - self.done_steps
+
+    def batch_key(self) -> tuple:
+        """Rows with equal keys can share one model call (same latent and conditioning shapes)."""
+        return (tuple(self.latents.shape[1:]), self.latents.dtype,
+                tuple((k, tuple(v.shape[1:])) for k, v in sorted(self.cond.items())))
 
 
 def unet_predictor(unet: torch.nn.Module) -> Predictor:
@@ -52,43 +71,84 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], dtype: torc
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-def run_steps(predict: Predictor, scheduler: object, rows: DenoiseRows, timesteps: Sequence[torch.Tensor],
-              keep: Callable[[], Sequence[bool]] | None = None,
-              on_drop: Callable[[Sequence[bool]], None] | None = None) -> DenoiseRows:
-    """Run ``timesteps`` of the scheduler on every row with classifier-free guidance.
+def start_row(scheduler: Any, steps: int, latents: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+              guidance: float, *, start: int = 0, stop: int | None = None, seed: int | None = None) -> DenoiseRow:
+    """A row that will run entries ``start .. stop-1`` of ``scheduler``'s ``steps``-step schedule.
 
-    ``keep`` is polled before each step; rows it marks False (cancelled requests) leave the batch without
-    disturbing the others, and ``on_drop`` is told which rows left.
+    ``latents`` (1, C, H, W): unit Gaussian noise when ``start`` is 0 (scaled here by the scheduler's
+    ``init_noise_sigma``), else the scheduler-space latents left after ``start`` entries (a split point).
+    Schedulers that track a step index are told where to begin through their public ``set_begin_index``;
+    the others (DDIM, DDPM) derive everything from the timestep itself.
     """
-    scale = getattr(scheduler, "scale_model_input", None)
-    for t in timesteps:
+    scheduler.set_timesteps(steps, device=latents.device)
+    total = len(scheduler.timesteps)
+    stop = total if stop is None else stop
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"steps {start}..{stop} are outside the {total}-entry schedule")
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    if start == 0:
+        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+    generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
+    kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    return DenoiseRow(latents, cond, uncond, float(guidance), scheduler, scheduler.timesteps[start:stop],
+                      generator, 0, kwargs)
+
+
+def denoise_step(predict: Predictor, rows: Sequence[DenoiseRow]) -> None:
+    """Advance every row one of its own timesteps, with one batched call of the denoiser.
+
+    Rows must share :meth:`DenoiseRow.batch_key` (see :func:`group_rows`). Each row is scaled and stepped by its
+    own scheduler and guided with its own scale, so its result does not depend on its batch mates.
+    """
+    if not rows:
+        return
+    if any(r.finished for r in rows):
+        raise ValueError("a finished row cannot take another step")
+    b = len(rows)
+    ts = [r.timesteps[r.done_steps] for r in rows]
+    # no_grad rather than inference_mode: callers (codec training) may feed the latents to autograd later.
+    with torch.no_grad():
+        scaled = torch.cat([_scale(r, t) for r, t in zip(rows, ts)])
+        t = torch.stack(ts)
+        both = {k: torch.cat([*(r.uncond[k] for r in rows), *(r.cond[k] for r in rows)]) for k in rows[0].cond}
+        noise = predict(torch.cat([scaled, scaled]), torch.cat([t, t]), both)
+        for i, (row, t_i) in enumerate(zip(rows, ts)):
+            noise_uncond, noise_cond = noise[i:i + 1], noise[b + i:b + i + 1]
+            guided = noise_uncond + row.guidance * (noise_cond - noise_uncond)
+            row.latents = row.scheduler.step(guided, t_i, row.latents, **row._step_kwargs).prev_sample
+            row.done_steps += 1
+
+
+def group_rows(rows: Sequence[DenoiseRow], max_batch: int | None = None) -> list[list[DenoiseRow]]:
+    """Unfinished rows in batches of equal :meth:`~DenoiseRow.batch_key` (first-come order), each ≤ ``max_batch``."""
+    groups: dict[tuple, list[DenoiseRow]] = {}
+    for row in rows:
+        if not row.finished:
+            groups.setdefault(row.batch_key(), []).append(row)
+    size = max_batch or max(1, len(rows))
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def advance(predict: Predictor, rows: Sequence[DenoiseRow], max_batch: int | None = None) -> None:
+    """One step for every unfinished row (one model call per compatible group)."""
+    for group in group_rows(rows, max_batch):
+        denoise_step(predict, group)
+
+
+def denoise(predict: Predictor, rows: Sequence[DenoiseRow], keep: Callable[[DenoiseRow], bool] | None = None,
+            max_batch: int | None = None) -> list[DenoiseRow]:
+    """Run every row to the end of its timesteps; rows ``keep`` rejects (cancelled) leave at a step boundary.
+    Returns the rows that were kept."""
+    alive = list(rows)
+    while True:
         if keep is not None:
-            mask = list(keep())
-            if not all(mask):
-                idx = torch.tensor([i for i, k in enumerate(mask) if k], dtype=torch.long)
-                rows = rows.select(idx)
-                _slice_scheduler_state(scheduler, idx)
-                if on_drop is not None:
-                    on_drop(mask)
-                if rows.latents.shape[0] == 0:
-                    return rows
-        b = rows.latents.shape[0]
-        model_in = torch.cat([rows.latents, rows.latents])
-        if scale is not None:
-            model_in = scale(model_in, t)
-        both = {k: torch.cat([rows.uncond[k], rows.cond[k]]) for k in rows.cond}
-        with torch.inference_mode():
-            noise = predict(model_in, t.expand(2 * b) if t.dim() == 0 else t, both)
-        noise_uncond, noise_cond = noise[:b], noise[b:]
-        g = rows.guidance.to(noise.dtype).view(-1, *([1] * (noise.dim() - 1)))
-        guided = noise_uncond + g * (noise_cond - noise_uncond)
-        latents = scheduler.step(guided, t, rows.latents).prev_sample
-        rows = DenoiseRows(latents, rows.cond, rows.uncond, rows.guidance)
-    return rows
+            alive = [r for r in alive if keep(r)]
+        if all(r.finished for r in alive):
+            return alive
+        advance(predict, alive, max_batch)
 
 
-def _slice_scheduler_state(scheduler: object, idx: torch.Tensor) -> None:
-    """Multistep schedulers keep per-row history; keep it aligned with the surviving rows."""
-    history = getattr(scheduler, "model_outputs", None)
-    if isinstance(history, list):
-        scheduler.model_outputs = [h[idx] if isinstance(h, torch.Tensor) and h.dim() > 0 else h for h in history]
+def _scale(row: DenoiseRow, t: torch.Tensor) -> torch.Tensor:
+    scale = getattr(row.scheduler, "scale_model_input", None)
+    return scale(row.latents, t) if scale is not None else row.latents

@@ -16,6 +16,8 @@ import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from models.denoising import denoise, start_row, unet_predictor
+
 
 @torch.no_grad()
 def encode_prompts(
@@ -67,7 +69,8 @@ def generate_latents(
 
     ``scaling_factor`` defaults to the ``vae/config.json`` beside the UNet's folder (works for
     models loaded with ``from_pretrained``); pass ``vae.config.scaling_factor`` otherwise.
-    The scheduler's timesteps are reset here, so one scheduler object can be reused.
+    ``scheduler`` is a template: every prompt gets its own copy (:mod:`models.denoising` keeps one
+    scheduler per row), so the object passed in is left as it was and can be reused.
     """
     if len(prompts) != len(seeds):
         raise ValueError("need one seed per prompt")
@@ -75,20 +78,17 @@ def generate_latents(
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    uncond = encode_prompts(tokenizer, text_encoder, [""]).to(device, dtype)
+    uncond = {"encoder_hidden_states": encode_prompts(tokenizer, text_encoder, [""]).to(device, dtype)}
+    predict = unet_predictor(unet)
     out = []
     for start in range(0, len(prompts), batch_size):
         p = prompts[start : start + batch_size]
         s = seeds[start : start + batch_size]
         cond = encode_prompts(tokenizer, text_encoder, p).to(device, dtype)
-        context = torch.cat([uncond.expand(len(p), -1, -1), cond])
-        scheduler.set_timesteps(steps, device=device)
-        latents = initial_noise(s, shape).to(device, dtype) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            pred = unet(model_in, t, encoder_hidden_states=context).sample
-            pred_uncond, pred_cond = pred.chunk(2)
-            guided = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-            latents = scheduler.step(guided, t, latents).prev_sample
-        out.append((latents / sf).float().cpu())
+        noise = initial_noise(s, shape).to(device, dtype)
+        rows = [start_row(type(scheduler).from_config(scheduler.config), steps, noise[i : i + 1],
+                          {"encoder_hidden_states": cond[i : i + 1]}, uncond, guidance_scale, seed=seed)
+                for i, seed in enumerate(s)]
+        denoise(predict, rows)
+        out.append((torch.cat([r.latents for r in rows]) / sf).float().cpu())
     return torch.cat(out)
