@@ -55,6 +55,8 @@ class DeviceConfig:
     default_steps: int = field(default=20, metadata={"help": "denoising steps when a request sets none"})
     default_guidance: float = field(default=4.0, metadata={"help": "guidance scale when a request sets none"})
     default_codec: str = field(default="raw-fp16", metadata={"help": "codec when a request sets none"})
+    max_pixel_steps: int = field(default=512 * 512 * 50, metadata={
+        "help": "refuse requests over height × width × steps at once (the edge enforces its own budget too)"})
     api_keys: tuple[str, ...] = field(default=(), metadata={"help": "API keys (from MEG_API_KEY)", "cli": False})
     tls_dir: Path | None = field(default=None, metadata={"help": "mutual TLS towards the channel emulator"})
 
@@ -107,7 +109,7 @@ class DeviceState:
         self.link = DeviceLink(DeviceLinkConfig(self.config.channel), credentials)
         c = self.config
         defaults = GenerateDefaults(c.default_steps, c.default_guidance, c.default_codec, c.request_timeout_s,
-                                    c.max_in_flight)
+                                    c.max_in_flight, c.max_pixel_steps)
         self.generation = ImageGeneration(self.link, self.decoders, self.finisher, defaults, self.metrics)
 
 

@@ -40,6 +40,7 @@ class GenerateDefaults:
     codec: str
     request_timeout_s: float
     max_in_flight: int
+    max_pixel_steps: int
 
 
 @dataclass
@@ -94,6 +95,10 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
         problem = codec_problem(request.codec, body)
         if request.split_step and request.split_step >= request.steps:
             problem = f"split_step: must be below steps ({request.steps}), got {request.split_step}"
+        cost = (request.height or 0) * (request.width or 0) * request.steps
+        if cost > self.defaults.max_pixel_steps:
+            problem = (f"steps: {request.height}×{request.width} pixels × {request.steps} steps = {cost} pixel-steps "
+                       f"is over this device's budget of {self.defaults.max_pixel_steps}")
         if problem:
             raise RequestError(Status.INVALID, problem)
         spec = channel_spec(body.channel)

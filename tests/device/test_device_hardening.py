@@ -144,3 +144,25 @@ def test_client_disconnect_cancels_the_request_end_to_end(testbed: Testbed) -> N
     _wait_for(lambda: _metric(edge_metrics, "meg_requests_total", 'service="edge",codec="raw-fp16",'
                               'channel="ideal",status="cancelled"') > cancelled_before, 30,
               "the edge counts the request as cancelled (it stopped the work)")
+
+
+def test_a_huge_request_is_refused_at_once_and_a_long_one_does_not_stall_a_small_one(testbed: Testbed) -> None:
+    huge = httpx.post(f"{testbed.url}/v1/generate", timeout=10,
+                      json={"prompt": PROMPT, "steps": 1, "width": 4096, "height": 4096})
+    assert huge.status_code == 422 and "budget" in huge.json()["detail"], huge.text
+    finished: dict[str, float] = {}
+
+    def send(name: str, steps: int) -> None:
+        resp = httpx.post(f"{testbed.url}/v1/generate", json={"prompt": PROMPT, "steps": steps, "seed": 2},
+                          timeout=300)
+        assert resp.status_code == 200, resp.text
+        finished[name] = time.monotonic()
+
+    long = threading.Thread(target=send, args=("long", 200))
+    long.start()
+    _wait_for(lambda: _metric(f"{testbed.url}/metrics", "meg_requests_in_flight", 'service="device"') >= 1, 30,
+              "the long request is in flight")
+    send("small", 2)
+    long.join()
+    # The small request joined the running batch between steps and left it done, before the long one.
+    assert finished["small"] < finished["long"]
