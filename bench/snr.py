@@ -2,12 +2,12 @@
 
 Why: the issue's claim is that analog latent transmission (MEG-DT) and the learned merged JSCC (E2E-MEG-DT)
 degrade gracefully where a digital link falls off its cliff. This benchmark puts every scheme through the
-same channel models (:mod:`channel_sim.channels`, SNR relative to the measured power of what is sent) on the
+same link as the channel emulator (:class:`radio.link.Link`, SNR relative to the measured power of what is sent) on the
 SAME held-out latents and scores what the device would show:
 
 * **raw-fp16 (uncoded QPSK)**: the latent as float16 bytes, Gray QPSK, hard decisions, no FEC
-  (:func:`channel_sim.channels.transmit_bytes_uncoded`); the standard tiny decoder.
-* **<entropy coder> + LDPC** at two rates (when :mod:`channel_sim.digital` exists): the latent entropy-coded
+  (:func:`radio.link.transmit_uncoded`); the standard tiny decoder.
+* **<entropy coder> + LDPC** at two rates: the latent entropy-coded
   (the learned ``hyperprior`` when it loads, else ``uint8`` + rANS), then CRC + 5G LDPC + QAM. A payload with
   an erased block is concealed: the decoder is tried on the zero-filled bytes, and when the bitstream cannot
   be decoded the image's latent is replaced by zeros (the prior mean), never an exception.
@@ -36,6 +36,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,11 @@ import torch
 from tqdm.auto import tqdm
 
 import codec
-from channel_sim.channels import ChannelConfig, build_channel, transmit_bytes_uncoded
-from codec.base import CodecError, EncodedPayload
+from codec.base import CodecError
+from device_client.receiver import link_may_have_damaged, receive_features
+from radio import ChannelSpec, is_noiseless
+from radio.link import Link
+from wire.payload import EncodedPayload
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +142,9 @@ def held_out_latents(family: Family, n: int, source: str) -> HeldOut:
 def available_schemes(family: Family, with_jscc_full: bool = True) -> list[Scheme]:
     """Every scheme whose pieces exist now (digital chain, learned coder, JSCC weights), in plot order."""
     schemes = [Scheme("raw-fp16 uncoded QPSK", "raw-fp16", "tiny_decoder", "uncoded")]
-    if importlib.util.find_spec("channel_sim.digital") is not None:
-        coder = _entropy_coder()
-        schemes += [Scheme(f"{coder}+LDPC QPSK r1/2", coder, "tiny_decoder", "ldpc", "qpsk", "1/2"),
-                    Scheme(f"{coder}+LDPC 16QAM r2/3", coder, "tiny_decoder", "ldpc", "16qam", "2/3")]
-    else:
-        logger.warning("channel_sim.digital is missing: no LDPC-coded digital schemes")
+    coder = _entropy_coder()
+    schemes += [Scheme(f"{coder}+LDPC QPSK r1/2", coder, "tiny_decoder", "ldpc", "qpsk", "1/2"),
+                Scheme(f"{coder}+LDPC 16QAM r2/3", coder, "tiny_decoder", "ldpc", "16qam", "2/3")]
     robust = "robust_decoder" if "robust_decoder" in family.decoders else "tiny_decoder"
     schemes.append(Scheme("MEG (analog)", "analog", robust, "analog"))
     from codec.jscc import JsccNet, PACKAGE_WEIGHTS
@@ -187,107 +188,86 @@ class CellResult:
 
 
 class Transmitter:
-    """Sends the held-out latents through one scheme, one image (one request) at a time.
+    """Sends the held-out latents through one scheme, one image (one request) at a time, with the product's
+    own code: :class:`radio.link.Link` (what the channel emulator applies to a request) and
+    :func:`device_client.receiver.receive_features` (what the device decodes, conceals and clamps).
 
-    What does not depend on the channel is done once per scheme, not once per cell: a digital payload and
-    its error-free decode are the same at every SNR (the device decodes the same bytes whenever the link
-    delivers them intact, so the cached decode is reused when the received bytes equal the sent ones).
-    LDPC code blocks of all images are decoded in shared batches (:meth:`DigitalChain.transmit_many`,
-    equivalent to per-image calls); JSCC images are coded as one batch (per-image power normalisation,
-    merge map and fading blocks are unchanged by batching: the network normalises each image, and an image's
-    symbols fill whole coherence blocks). Everything the device would see is per image.
+    What does not depend on the channel is done once per scheme, not once per cell: a digital payload is the
+    same at every SNR. LDPC code blocks of all images are decoded in shared batches
+    (:meth:`Link.send_digital_many`, equivalent to one :meth:`Link.send` per image); JSCC images are encoded
+    as one batch (per-image power normalisation makes it equivalent) and each image's symbols then cross the
+    link as its own request would.
     """
 
-    def __init__(self, scheme: Scheme, latents: torch.Tensor) -> None:
+    def __init__(self, scheme: Scheme, latents: torch.Tensor, link: Link | None = None) -> None:
         self.scheme = scheme
         self.latents = latents
+        self.link = link or Link(decode_batch=256)  # large decoder batches: every image's blocks together
         self.weights = Path(codec.__file__).resolve().parent / "weights"
-        self._chain = None
         self._payloads: list[EncodedPayload] = []
-        self._clean: list[torch.Tensor | None] = []
-        if scheme.transport == "ldpc":
-            from channel_sim.digital import DigitalChain, DigitalChainConfig
-
-            # Large decoder batches: one-block payloads of every image are decoded together.
-            self._chain = DigitalChain(DigitalChainConfig(modulation=scheme.modulation, code_rate=scheme.code_rate,
-                                                          decode_batch=256))
         if scheme.kind == "digital":
-            c = codec.build_codec(scheme.codec_name, dict(scheme.params), self.weights)
-            self._codec = c
-            self._payloads = [c.encode({"latents": lat[None]}) for lat in latents]
-            self._clean = [self._decode(c, p) for p in self._payloads] if scheme.transport == "ldpc" else []
+            self._codec = codec.build_codec(scheme.codec_name, dict(scheme.params), self.weights)
+            self._payloads = [self._codec.encode({"latents": lat[None]}) for lat in latents]
 
-    def _codec_for(self, channel_name: str, snr_db: float) -> codec.Codec:
+    def spec(self, channel_name: str, snr_db: float) -> ChannelSpec:
+        s = self.scheme
+        digital = {"modulation": s.modulation, "fec": "ldpc" if s.transport == "ldpc" else "none",
+                   "code_rate": float(Fraction(s.code_rate)) if s.transport == "ldpc" else None} \
+            if s.kind == "digital" else {}
+        snr = {} if is_noiseless(channel_name) else {"snr_db": snr_db}
+        return ChannelSpec.create(channel_name, **snr, **digital)
+
+    def _codec_for(self, spec: ChannelSpec) -> codec.Codec:
         params = dict(self.scheme.params)
-        if channel_name != "ideal":
-            params["channel_snr_db"] = f"{snr_db:g}"  # what the edge does for SNR-adaptive codecs
+        if spec.snr_db is not None:
+            params["channel_snr_db"] = f"{spec.snr_db:g}"  # what the edge does for SNR-adaptive codecs
         return codec.build_codec(self.scheme.codec_name, params, self.weights)
 
-    def _decode(self, c: codec.Codec, payload: EncodedPayload) -> torch.Tensor | None:
-        """The received latent, or None when the payload does not decode (the device then conceals)."""
-        try:
-            return c.decode(payload)["latents"][0]
-        except (CodecError, ValueError, RuntimeError, OverflowError) as exc:
-            logger.debug("%s: undecodable payload (%s)", self.scheme.name, exc)
-            return None
+    def _analog_payloads(self, c: codec.Codec) -> list[EncodedPayload]:
+        return [c.encode({"latents": lat[None]}) for lat in self.latents]
 
-    def send_all(self, channel_name: str, snr_db: float, rng: np.random.Generator) -> CellResult:
-        s = self.scheme
-        channel = build_channel(ChannelConfig(model=channel_name, snr_db=snr_db, modulation=s.modulation))
-        out: list[torch.Tensor | None] = []
-        symbols: list[int] = []
-        bits: list[int] = []
-        erased: list[float] = []
-        if s.transport == "analog" and s.batched:
-            c = self._codec_for(channel_name, snr_db)
-            n = len(self.latents)
-            payload = c.encode({"latents": self.latents})
-            rx = EncodedPayload(payload.kind, payload.tensors, payload.params,
-                                symbols=channel.apply_analog(payload.symbols, rng))
-            decoded = c.decode(rx)["latents"]
-            # Bits per image as one request would send them (a lone image's side information).
-            single = c.encode({"latents": self.latents[:1]})
-            out, symbols = list(decoded), [payload.symbols_sent // n] * n
-            bits, erased = [single.bits_sent] * n, [0.0] * n
-        elif s.transport == "analog":
-            c = self._codec_for(channel_name, snr_db)
-            for lat in self.latents:
-                payload = c.encode({"latents": lat[None]})
-                rx = EncodedPayload(payload.kind, payload.tensors, payload.params,
-                                    symbols=channel.apply_analog(payload.symbols, rng))
-                out.append(self._decode(c, rx))
-                symbols.append(payload.symbols_sent)
-                bits.append(payload.bits_sent)
-                erased.append(0.0)
-        elif s.transport == "uncoded":
-            for payload in self._payloads:
-                res = transmit_bytes_uncoded(channel, payload.data, rng)
-                rx = EncodedPayload(payload.kind, payload.tensors, payload.params, data=res.data)
-                out.append(self._decode(self._codec, rx))
-                symbols.append(res.symbols)
-                bits.append(payload.bits_sent)
-                erased.append(0.0)
+    def _batched_analog_payloads(self, c: codec.Codec) -> tuple[list[EncodedPayload], EncodedPayload]:
+        """One batch encode cut into per-image payloads (each with a lone image's header), and the batch."""
+        batch = c.encode({"latents": self.latents})
+        per_image = batch.symbols.reshape(len(self.latents), -1)
+        single = c.encode({"latents": self.latents[:1]})
+        return [EncodedPayload("analog", single.tensors, single.params, symbols=row) for row in per_image], batch
+
+    def send_all(self, channel_name: str, snr_db: float, generator: torch.Generator) -> CellResult:
+        spec = self.spec(channel_name, snr_db)
+        if self.scheme.kind == "analog":
+            return self._send_analog(spec, generator)
+        if self.scheme.transport == "ldpc":
+            results = self.link.send_digital_many(spec, self._payloads, generator)
         else:
-            assert self._chain is not None
-            results = self._chain.transmit_many([p.data for p in self._payloads], channel, rng)
-            for payload, clean, res in zip(self._payloads, self._clean, results):
-                if res.data == payload.data:
-                    out.append(clean)
-                else:
-                    # Erased blocks arrive zeroed: the coder's own CRC normally rejects the payload.
-                    rx = EncodedPayload(payload.kind, payload.tensors, payload.params, data=res.data)
-                    out.append(self._decode(self._codec, rx))
-                symbols.append(res.symbols)
-                bits.append(payload.bits_sent)
-                erased.append(res.erased_bytes / max(len(payload.data), 1))
-        final = []
-        for i, (lat, got) in enumerate(zip(self.latents, out)):
-            if got is None:
-                # Concealment: an undecodable bitstream shows the prior mean (zero latent), never a crash.
-                got, erased[i] = torch.zeros_like(lat), 1.0
-            # Bit errors in float16 exponents make huge values; the latents live well within ±20.
-            final.append(got.clamp(-20.0, 20.0))
-        return CellResult(torch.stack(final), symbols, bits, erased)
+            results = [self.link.send(spec, p, generator) for p in self._payloads]
+        out, erased = [], []
+        for payload, res in zip(self._payloads, results):
+            rx = receive_features(self._codec, res.payload, link_may_have_damaged(spec, res.payload, res.erased))
+            out.append(rx.tensors["latents"][0])
+            erased.append(1.0 if rx.concealed else res.erased_bytes / max(len(payload.data), 1))
+        return CellResult(torch.stack(out), [r.symbols for r in results], [p.bits_sent for p in self._payloads],
+                          erased)
+
+    def _send_analog(self, spec: ChannelSpec, generator: torch.Generator) -> CellResult:
+        c = self._codec_for(spec)
+        if self.scheme.batched:
+            payloads, batch = self._batched_analog_payloads(c)
+            received = [self.link.send(spec, p, generator).payload.symbols for p in payloads]
+            rx = EncodedPayload("analog", batch.tensors, batch.params, symbols=np.concatenate(received))
+            decoded = list(receive_features(c, rx, False).tensors["latents"])
+        else:
+            payloads = self._analog_payloads(c)
+            decoded = [receive_features(c, self.link.send(spec, p, generator).payload, False).tensors["latents"][0]
+                       for p in payloads]
+        n = len(self.latents)
+        return CellResult(torch.stack(decoded), [int(payloads[0].symbols_sent)] * n, [payloads[0].bits_sent] * n,
+                          [0.0] * n)
+
+
+def cell_generator(*key: int) -> torch.Generator:
+    """The channel's random stream of one (scheme, channel, SNR) cell: reproducible, independent per cell."""
+    return torch.Generator("cpu").manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
 
 def psnr_db(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -377,7 +357,7 @@ def run_grid(family: Family, held: HeldOut, schemes: list[Scheme], channels: tup
         tx = Transmitter(scheme, held.latents)
         for ci, channel_name in enumerate(channels):
             for ni, snr in enumerate(snrs):
-                cell = tx.send_all(channel_name, snr, np.random.default_rng([seed, si, ci, ni]))
+                cell = tx.send_all(channel_name, snr, cell_generator(seed, si, ci, ni))
                 images = decode_latents(family.decoders[scheme.decoder], cell.latents)
                 rows.append({"scheme": scheme.name, "kind": scheme.kind, "channel": channel_name, "snr_db": snr,
                              "n_images": len(cell.latents), "symbols_per_image": float(np.mean(cell.symbols)),

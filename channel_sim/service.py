@@ -1,10 +1,12 @@
 """The channel emulator: a gRPC proxy between device and edge that applies a wireless link to each stream.
 
-It serves the same ``meg.v1.EdgeGeneration`` service as the edge. Per request it forwards the call upstream
-(propagating the caller's deadline), buffers the payload, passes it through the requested channel model
-(:mod:`channel_sim.channels`), then releases the chunks at the link's symbol rate after its propagation
-delay, so airtime is real wall-clock time. The header travels first (control channel); the trailer carries
-a :class:`ChannelReport` and a CRC of what the emulator delivers.
+It serves the same ``meg.v1.EdgeGeneration`` service as the edge, through the serving contract:
+``decode_request`` parses the request's link (:class:`radio.ChannelSpec`, errors name the field), ``run``
+forwards the call upstream (propagating the caller's deadline), reassembles the payload and passes it through
+the link (:class:`radio.link.Link`, the same code the benchmarks run), and ``encode_response`` releases the
+chunks at the link's symbol rate after its propagation delay, so airtime is real wall-clock time. The header
+travels first (control channel); the trailer carries a :class:`ChannelReport` and a CRC of what the emulator
+delivers. The emulator imports no codec: it carries payloads without decoding them.
 """
 
 from __future__ import annotations
@@ -12,27 +14,21 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import signal
+import math
 import time
-import uuid
-from dataclasses import dataclass
-from typing import AsyncIterator
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
-from channel_sim.channels import (
-    DEFAULT_BANDWIDTH_HZ, DEFAULT_COHERENCE_SYMBOLS, DEFAULT_DELAY_MS, DEFAULT_K_FACTOR, DEFAULT_SNR_DB,
-    ChannelConfig, ChannelError, build_channel, channel_names, transmit_bytes_uncoded,
-)
-import codec
-from wire import framing
-from wire.payload import EncodedPayload
 from meg.v1 import meg_pb2, meg_pb2_grpc
-from telemetry.logs import reset_request_id, set_request_id
+from radio import ChannelError, ChannelSpec, channel_names
+from radio.link import Link, LinkResult, generator_for
+from serving.contract import CallContext, RequestError, Status, StreamingApi
+from serving.grpc_service import NOT_SERVING, SERVING, GrpcServerConfig, add_streaming_api, run_grpc_service
 from telemetry.metrics import MegMetrics, shannon_capacity_bits_per_symbol
+from wire import framing
 
 log = logging.getLogger(__name__)
 
@@ -45,248 +41,216 @@ MAX_RECONNECT_BACKOFF_MS = 5000
 
 @dataclass
 class ChannelServiceConfig:
-    host: str = "127.0.0.1"
-    port: int = 50052
-    metrics_port: int = 9102
-    edge: str = "127.0.0.1:50051"
-    grace_s: float = 10.0
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=50052, metadata={"help": "gRPC port"})
+    metrics_port: int = field(default=9102, metadata={"help": "Prometheus metrics port (0 disables)"})
+    edge: str = field(default="127.0.0.1:50051", metadata={"help": "edge address host:port"})
+    grace_s: float = field(default=10.0, metadata={"help": "seconds to drain streams at shutdown"})
+    insecure_grpc: bool = field(default=False, metadata={
+        "help": "serve plaintext gRPC off loopback (default: refused without --tls-dir)"})
 
 
-def config_from_spec(spec: meg_pb2.ChannelSpec) -> ChannelConfig:
-    """The validated channel config of a request (defaults for unset fields); raises ChannelError."""
-    return ChannelConfig(
-        model=spec.model or "ideal",
-        snr_db=spec.snr_db if spec.HasField("snr_db") else DEFAULT_SNR_DB,
-        bandwidth_hz=spec.bandwidth_hz if spec.HasField("bandwidth_hz") else DEFAULT_BANDWIDTH_HZ,
-        delay_ms=spec.delay_ms if spec.HasField("delay_ms") else DEFAULT_DELAY_MS,
-        k_factor=spec.k_factor if spec.HasField("k_factor") else DEFAULT_K_FACTOR,
-        coherence_symbols=spec.coherence_symbols if spec.HasField("coherence_symbols") else DEFAULT_COHERENCE_SYMBOLS,
-        modulation=spec.modulation or "qpsk",
-        seed=spec.seed if spec.HasField("seed") else None,
-    ).validate()
+class EdgeUpstream:
+    """The emulator's gRPC channel to the edge (round-robin over a headless Service in Kubernetes)."""
 
-
-@dataclass
-class LinkResult:
-    payload: EncodedPayload
-    symbols: int
-    bits: int
-    bit_errors: int
-
-
-def apply_link(config: ChannelConfig, payload: EncodedPayload, rng: np.random.Generator,
-               fec: str = "none", code_rate: float | None = None) -> LinkResult:
-    """Pass one payload through the link: analog symbols get channel noise, digital bytes go through QAM
-    (uncoded, or the LDPC digital chain when ``fec == "ldpc"``)."""
-    channel = build_channel(config)
-    if payload.kind == "analog":
-        received = channel.apply_analog(payload.symbols, rng)
-        out = EncodedPayload("analog", payload.tensors, payload.params, symbols=received)
-        return LinkResult(out, int(received.size), 0, 0)
-    if fec == "ldpc":
-        from channel_sim.digital import DigitalChain, DigitalChainConfig
-
-        chain = DigitalChain(DigitalChainConfig(modulation=config.modulation,
-                                                code_rate=code_rate if code_rate else 0.5))
-        res = chain.transmit(payload.data, channel, rng)
-        out = EncodedPayload("digital", payload.tensors, payload.params, data=res.data)
-        # Bit errors of what is delivered (erased blocks arrive zeroed): the device conceals when they are > 0.
-        delivered = np.frombuffer(res.data, np.uint8) ^ np.frombuffer(payload.data, np.uint8)
-        return LinkResult(out, int(res.symbols), 8 * len(payload.data), int(np.unpackbits(delivered).sum()))
-    res = transmit_bytes_uncoded(channel, payload.data, rng)
-    out = EncodedPayload("digital", payload.tensors, payload.params, data=res.data)
-    return LinkResult(out, res.symbols, 8 * len(payload.data), res.bit_errors)
-
-
-def _upstream_error(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
-    code = exc.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return code, f"edge unreachable: {exc.details()}"
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return code, "deadline exceeded while waiting for the edge"
-    return code, exc.details() or code.name
-
-
-class ChannelServicer(meg_pb2_grpc.EdgeGenerationServicer):
-    def __init__(self, edge_target: str, metrics: MegMetrics,
-                 channel_credentials: grpc.ChannelCredentials | None = None) -> None:
-        # round_robin: with a headless edge Service (dns:///edge-headless...), spread requests over the edge fleet.
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.lb_policy_name", "round_robin"),
                    # gRPC's default backoff grows to 120 s: an edge restarted after a long outage would stay
                    # unused for up to two minutes.
                    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
-        self._upstream = (grpc.aio.secure_channel(edge_target, channel_credentials, options=options)
-                          if channel_credentials else grpc.aio.insecure_channel(edge_target, options=options))
-        self._stub = meg_pb2_grpc.EdgeGenerationStub(self._upstream)
-        self._health_stub = health_pb2_grpc.HealthStub(self._upstream)
-        self.metrics = metrics
+        self._channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
+                         else grpc.aio.insecure_channel(target, options=options))
+        self._stub = meg_pb2_grpc.EdgeGenerationStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    async def upstream_serving(self) -> bool:
+    async def serving(self) -> bool:
         try:
-            resp = await self._health_stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+            resp = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
         except grpc.aio.AioRpcError:
             return False
-        return resp.status == health_pb2.HealthCheckResponse.SERVING
+        return resp.status == SERVING
+
+    async def fetch(self, request: meg_pb2.GenerateRequest, timeout_s: float) -> framing.ReceivedStream:
+        """The edge's whole stream for ``request``; upstream failures become :class:`RequestError`."""
+        call = self._stub.Generate(request, timeout=timeout_s)
+        assembler = framing.StreamAssembler()
+        try:
+            async for frame in call:
+                assembler.add(frame)
+            return assembler.finish()
+        except grpc.aio.AioRpcError as exc:
+            raise await _upstream_error(call, exc) from exc
+        except framing.StreamError as exc:
+            call.cancel()
+            raise RequestError(Status.BAD_STREAM, f"edge sent a bad stream: {exc}", label="bad_upstream_stream") \
+                from exc
+        except BaseException:
+            call.cancel()  # the caller went away: stop the edge's work too
+            raise
 
     async def close(self) -> None:
-        await self._upstream.close()
+        await self._channel.close()
 
-    async def Generate(self, request: meg_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[meg_pb2.GenerateResponse]:
-        request_id = request.request_id or uuid.uuid4().hex[:16]
-        token = set_request_id(request_id)
-        self.metrics.in_flight.labels("channel").inc()
-        # Label values come from fixed sets only: a request's free text must not create metric series.
-        codec_label = request.codec if request.codec in codec.codec_names() else "invalid"
-        channel_label = (request.channel.model or "ideal") if (request.channel.model or "ideal") in channel_names() \
-            else "invalid"
-        status = "ok"
-        call = None
+
+async def _upstream_error(call: grpc.aio.UnaryStreamCall, exc: grpc.aio.AioRpcError) -> RequestError:
+    code = exc.code()
+    status = Status.from_grpc_name(code.name)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        message = f"edge unreachable: {exc.details()}"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        message = "deadline exceeded while waiting for the edge"
+    else:
+        message = exc.details() or code.name
+    retry = dict(await call.initial_metadata() or ()).get("retry-after")
+    return RequestError(status, message, float(retry) if retry else None, label=f"upstream_{code.name.lower()}")
+
+
+@dataclass
+class LinkWork:
+    request: meg_pb2.GenerateRequest
+    spec: ChannelSpec
+
+
+@dataclass
+class Delivery:
+    """What crossed the link for one request, ready to be paced out."""
+
+    work: LinkWork
+    received: framing.ReceivedStream
+    link: LinkResult
+    started: float
+
+
+class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_pb2.GenerateResponse]):
+    service = "channel"
+
+    def __init__(self, upstream: EdgeUpstream, link: Link, metrics: MegMetrics) -> None:
+        self.upstream = upstream
+        self.link = link
+        self.metrics = metrics
+
+    def metric_labels(self, request: meg_pb2.GenerateRequest) -> tuple[str, str]:
+        # The codec label is refined from the edge's header (the edge validates codec names).
+        model = request.channel.model or "ideal"
+        return "-", model if model in channel_names() else "invalid"
+
+    async def decode_request(self, request: meg_pb2.GenerateRequest, ctx: CallContext) -> LinkWork:
         try:
-            try:
-                config = config_from_spec(request.channel)
-            except ChannelError as exc:
-                status = "invalid"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            fec = request.channel.fec or "none"
-            if fec not in ("none", "ldpc"):
-                status = "invalid"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"channel.fec: unknown FEC {fec!r}; known: none, ldpc")
-            code_rate = request.channel.code_rate if request.channel.HasField("code_rate") else None
-            if fec == "ldpc":
-                # Reject an unusable code before the edge does any work; the message names the field.
-                from channel_sim.digital import DigitalChainConfig
+            spec = ChannelSpec.from_proto(request.channel)
+            self.link.check(spec)
+        except ChannelError as exc:
+            raise RequestError(Status.INVALID, str(exc)) from exc
+        return LinkWork(request, spec)
 
-                try:
-                    DigitalChainConfig(modulation=config.modulation, code_rate=code_rate or 0.5).validate()
-                except ValueError as exc:
-                    status = "invalid"
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"channel.{exc}")
-            labels = self.metrics.labels("-", codec_label, config.model,
-                                         config.snr_db if config.noisy else None)
-            # Propagate the caller's deadline; a caller without one still gets a bounded upstream call.
-            remaining = context.time_remaining()
-            call = self._stub.Generate(request, timeout=min(remaining, MAX_UPSTREAM_S) if remaining else MAX_UPSTREAM_S)
-            assembler = framing.StreamAssembler()
-            header = None
-            try:
-                async for frame in call:
-                    if frame.WhichOneof("frame") == "header":
-                        header = frame.header
-                        labels["model"] = header.model_id
-                        yield frame  # the control channel goes first, uncorrupted
-                    assembler.add(frame)
-                received = assembler.finish()
-            except grpc.aio.AioRpcError as exc:
-                status = "upstream_error"
-                self.metrics.error("upstream_" + exc.code().name.lower())
-                retry = dict(await call.initial_metadata() or ()).get("retry-after") if call else None
-                if retry:
-                    await context.send_initial_metadata((("retry-after", retry),))
-                code, details = _upstream_error(exc)
-                await context.abort(code, details)
-            except framing.StreamError as exc:
-                status = "bad_upstream_stream"
-                self.metrics.error("bad_upstream_stream")
-                await context.abort(grpc.StatusCode.DATA_LOSS, f"edge sent a bad stream: {exc}")
-            started = time.perf_counter()
-            rng = np.random.default_rng(config.seed)
-            link = await asyncio.get_running_loop().run_in_executor(
-                None, apply_link, config, received.payload, rng, fec, code_rate)
-            airtime_s = link.symbols / config.bandwidth_hz
-            # Release chunks at the symbol rate after the propagation delay: airtime is wall-clock time.
-            t0 = time.perf_counter() + config.delay_ms / 1000.0
-            frames = list(framing.chunk_frames(link.payload))
-            per_chunk = airtime_s / max(1, len(frames))
-            for i, frame in enumerate(frames):
-                await asyncio.sleep(max(0.0, t0 + (i + 1) * per_chunk - time.perf_counter()))
-                yield frame
-            await asyncio.sleep(max(0.0, t0 + airtime_s - time.perf_counter()))
-            if received.reference:
-                yield framing.reference_frame(received.reference)
-            channel_s = time.perf_counter() - started
-            report = meg_pb2.ChannelReport(
-                model=config.model, snr_db=config.snr_db if config.noisy else float("inf"),
-                bandwidth_hz=config.bandwidth_hz, delay_ms=config.delay_ms, symbols=link.symbols,
-                airtime_ms=1e3 * airtime_s, bit_errors=link.bit_errors, bits=link.bits,
-                modulation=config.modulation if received.payload.kind == "digital" else "analog",
-                channel_ms=1e3 * channel_s)
-            yield framing.trailer_frame(link.payload, len(frames), report)
-            self.metrics.observe_stage(labels, "airtime", airtime_s)
-            self.metrics.observe_stage(labels, "channel", channel_s)
-            self.metrics.request_symbols.labels(**labels).observe(link.symbols)
-            if received.payload.kind == "digital":
-                self.metrics.request_bits.labels(**labels).observe(received.payload.bits_sent)
-                if config.noisy and link.symbols:
-                    ratio = (link.bits / link.symbols) / shannon_capacity_bits_per_symbol(config.snr_db)
-                    self.metrics.rate_capacity_ratio.labels(**labels).observe(ratio)
-            log.info("%s link: %d symbols, %.2f ms airtime, %d bit errors", config.model, link.symbols,
-                     1e3 * airtime_s, link.bit_errors)
-        except asyncio.CancelledError:
-            status = "cancelled"
-            if call is not None:
-                call.cancel()
+    async def run(self, work: LinkWork, ctx: CallContext) -> Delivery:
+        remaining = ctx.time_remaining()
+        timeout = min(remaining, MAX_UPSTREAM_S) if remaining else MAX_UPSTREAM_S
+        try:
+            received = await self.upstream.fetch(work.request, timeout)
+        except RequestError as exc:
+            self.metrics.error(exc.label)
             raise
-        finally:
-            self.metrics.in_flight.labels("channel").dec()
-            self.metrics.requests.labels("channel", codec_label, channel_label, status).inc()
-            reset_request_id(token)
+        ctx.labels["codec"] = received.header.codec_id
+        started = time.perf_counter()
+        link = await asyncio.get_running_loop().run_in_executor(
+            None, self.link.send, work.spec, received.payload, generator_for(work.spec.link.seed))
+        return Delivery(work, received, link, started)
+
+    async def encode_response(self, d: Delivery, ctx: CallContext) -> AsyncIterator[meg_pb2.GenerateResponse]:
+        yield meg_pb2.GenerateResponse(header=d.received.header)  # the control channel, uncorrupted
+        spec, link = d.work.spec, d.link
+        airtime_s = link.airtime_s(spec)
+        # Release chunks at the symbol rate after the propagation delay: airtime is wall-clock time.
+        t0 = time.perf_counter() + spec.link.delay_ms / 1000.0
+        frames = list(framing.chunk_frames(link.payload))
+        per_chunk = airtime_s / max(1, len(frames))
+        for i, frame in enumerate(frames):
+            await asyncio.sleep(max(0.0, t0 + (i + 1) * per_chunk - time.perf_counter()))
+            yield frame
+        await asyncio.sleep(max(0.0, t0 + airtime_s - time.perf_counter()))
+        if d.received.reference:
+            yield framing.reference_frame(d.received.reference)
+        channel_s = time.perf_counter() - d.started
+        yield framing.trailer_frame(link.payload, len(frames), self._report(d, airtime_s, channel_s))
+        self._observe(d, ctx, airtime_s, channel_s)
+
+    @staticmethod
+    def _report(d: Delivery, airtime_s: float, channel_s: float) -> meg_pb2.ChannelReport:
+        spec, link = d.work.spec, d.link
+        digital = link.payload.kind == "digital"
+        return meg_pb2.ChannelReport(
+            model=spec.model, snr_db=spec.snr_db if spec.snr_db is not None else math.inf,
+            bandwidth_hz=spec.link.bandwidth_hz, delay_ms=spec.link.delay_ms, symbols=link.symbols,
+            airtime_ms=1e3 * airtime_s, bit_errors=link.bit_errors, bits=link.bits,
+            modulation=spec.link.modulation if digital else "analog", channel_ms=1e3 * channel_s,
+            erased=[meg_pb2.ByteRange(start=a, end=b) for a, b in link.erased])
+
+    def _observe(self, d: Delivery, ctx: CallContext, airtime_s: float, channel_s: float) -> None:
+        spec, link = d.work.spec, d.link
+        labels = self.metrics.labels(d.received.header.model_id, ctx.labels["codec"], spec.model, spec.snr_db)
+        self.metrics.observe_stage(labels, "airtime", airtime_s)
+        self.metrics.observe_stage(labels, "channel", channel_s)
+        self.metrics.request_symbols.labels(**labels).observe(link.symbols)
+        if link.payload.kind == "digital":
+            self.metrics.payload_bytes.labels(**labels).observe(d.received.payload.bits_sent / 8)
+            if spec.snr_db is not None and link.symbols:
+                self.metrics.rate_capacity_ratio.labels(**labels).observe(
+                    delivered_bits(link) / link.symbols / shannon_capacity_bits_per_symbol(spec.snr_db))
+        log.info("%s link: %d symbols, %.2f ms airtime, %d bit errors", spec.model, link.symbols, 1e3 * airtime_s,
+                 link.bit_errors)
 
 
-async def _watch_upstream(servicer: ChannelServicer, health_servicer: health.aio.HealthServicer) -> None:
-    """Publish the edge's reachability as the health of SERVICE_NAME, so the device can say which hop is down."""
-    last = None
-    while True:
-        serving = await servicer.upstream_serving()
-        if serving != last:
-            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-            await health_servicer.set(SERVICE_NAME, status)
-            log.info("edge upstream is %s", "serving" if serving else "NOT serving")
-            last = serving
-        await asyncio.sleep(UPSTREAM_HEALTH_PERIOD_S)
+def delivered_bits(link: LinkResult) -> float:
+    """Information the link really delivered: bits of code blocks that passed their CRC, and for uncoded QAM
+    the payload bits times the capacity 1 − h(p) of the binary symmetric channel its errors make. Neither can
+    exceed the channel's Shannon capacity, unlike the raw bits put on the air."""
+    if link.bits == 0:
+        return 0.0
+    erased_bits = 8 * sum(end - start for start, end in link.erased)
+    if link.erased or link.bit_errors == 0:
+        return float(link.bits - erased_bits)
+    p = min(0.5, link.bit_errors / link.bits)
+    h = -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) if 0 < p < 0.5 else (1.0 if p == 0.5 else 0.0)
+    return link.bits * (1.0 - h)
+
+
+def _watch_upstream(upstream: EdgeUpstream) -> Callable[[health.aio.HealthServicer], Awaitable[None]]:
+    async def watch(health_servicer: health.aio.HealthServicer) -> None:
+        """Publish the edge's reachability as the health of SERVICE_NAME, so the device can say which hop is
+        down."""
+        last = None
+        while True:
+            serving = await upstream.serving()
+            if serving != last:
+                await health_servicer.set(SERVICE_NAME, SERVING if serving else NOT_SERVING)
+                log.info("edge upstream is %s", "serving" if serving else "NOT serving")
+                last = serving
+            await asyncio.sleep(UPSTREAM_HEALTH_PERIOD_S)
+    return watch
+
+
+async def _warm_up(_: health.aio.HealthServicer) -> None:
+    # Sionna (the LDPC chain) takes seconds to import: do it now, off the event loop, rather than inside the
+    # first fec="ldpc" request, where the import would stall every stream this process is pacing.
+    await asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "radio.digital")
 
 
 async def serve(config: ChannelServiceConfig, ready: asyncio.Event | None = None,
                 credentials: grpc.ServerCredentials | None = None,
                 upstream_credentials: grpc.ChannelCredentials | None = None) -> None:
     metrics = MegMetrics("channel")
-    servicer = ChannelServicer(config.edge, metrics, upstream_credentials)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024),
-                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(  # TEMPORARY until the contract refactor
-        servicer.Generate, request_deserializer=meg_pb2.GenerateRequest.FromString,
-        response_serializer=meg_pb2.GenerateResponse.SerializeToString)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = f"{config.host}:{config.port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if not bound:
-        raise OSError(f"channel emulator could not bind {address}")
-    if config.metrics_port:
-        start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-    watcher = asyncio.create_task(_watch_upstream(servicer, health_servicer))
-    # Sionna (the LDPC chain) takes seconds to import: do it now, off the event loop, rather than inside the
-    # first fec="ldpc" request, where the import would stall every stream this process is pacing.
-    warmup = asyncio.get_running_loop().run_in_executor(None, importlib.import_module,
-                                                                      "channel_sim.digital")
-    log.info("channel emulator on %s → edge %s (metrics :%s)", address, config.edge, config.metrics_port or "off")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    if ready is not None:
-        ready.set()
-    await stop.wait()
-    watcher.cancel()
-    warmup.cancel()
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.grace_s)
-    await servicer.close()
+    upstream = EdgeUpstream(config.edge, upstream_credentials)
+    api = ChannelApi(upstream, Link(), metrics)
+    server_config = GrpcServerConfig(
+        "channel emulator", config.host, config.port, config.metrics_port, config.grace_s,
+        options=[("grpc.max_receive_message_length", 64 * 1024), ("grpc.max_send_message_length", 64 * 1024 * 1024)],
+        insecure=config.insecure_grpc)
+    # Under mutual TLS only the device may call the emulator (and only the emulator may call the edge).
+    peers = ("device",) if credentials is not None else ()
+    log.info("channel emulator → edge %s", config.edge)
+    await run_grpc_service(
+        server_config,
+        lambda server: add_streaming_api(server, api, metrics, SERVICE_NAME, "Generate", meg_pb2.GenerateRequest,
+                                         meg_pb2.GenerateResponse, allowed_peers=peers),
+        metrics, credentials=credentials, health_status={SERVICE_NAME: NOT_SERVING},
+        background=[_watch_upstream(upstream), _warm_up], on_stop=upstream.close, ready=ready)

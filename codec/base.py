@@ -15,6 +15,7 @@ import abc
 import base64
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,6 +42,8 @@ class TensorStage(abc.ABC):
     """An invertible transform of named tensors (a distribution transform, token merging, packing ...)."""
 
     name: str = ""
+    #: codec params a request may set (everything else in the header is the codec's own)
+    request_params: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def forward(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
@@ -55,6 +58,8 @@ class SourceCoder(abc.ABC):
     """Terminal digital stage: named tensors to a real bitstream and back."""
 
     name: str = ""
+    #: codec params a request may set (everything else in the header is the codec's own)
+    request_params: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def compress(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> bytes: ...
@@ -67,6 +72,8 @@ class AnalogMapper(abc.ABC):
     """Terminal analog stage: named tensors to complex channel symbols (average power 1) and back."""
 
     name: str = ""
+    #: codec params a request may set (everything else in the header is the codec's own)
+    request_params: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def to_symbols(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> np.ndarray: ...

@@ -169,6 +169,8 @@ def read_snr_db(params: dict[str, str]) -> float:
 class JsccMapper(AnalogMapper):
     """Learned analog JSCC: tokens → ``symbols_per_token`` unit-power complex symbols per token, and back."""
 
+    request_params = (MODEL_PARAM, SNR_PARAM)
+
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         name = params.get(MODEL_PARAM, "jscc_full")
         if not _MODEL_NAME.match(name):

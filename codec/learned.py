@@ -320,6 +320,8 @@ def _int_param(params: dict[str, str], key: str, default: str) -> int:
 class LearnedCoder(SourceCoder):
     """A trained CompressAI coder selected by header params; tensors must be (B, in_ch, H, W) planes."""
 
+    request_params = ("learned_model", "learned_domain", "learned_quality", "learned_set")
+
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         self.kind = params.get("learned_model", "hyperprior")
         if self.kind not in MODEL_KINDS:

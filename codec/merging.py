@@ -184,6 +184,8 @@ def _parse_shapes(text: str) -> dict[str, tuple[int, int]]:
 class TokenMergeStage(TensorStage):
     """Merges each (..., C, H, W) tensor to (..., C, H·W − r) tokens; see the module docstring."""
 
+    request_params = (RATIO_PARAM,)
+
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         del weights_dir
         self.ratio = _parse_ratio(params)

@@ -73,6 +73,8 @@ def _shapes_from_str(text: str) -> dict[str, tuple[int, ...]]:
 class TileStage(TensorStage):
     """Tensors (..., C, H, W) -> (B, 1, rows*H, cols*W) planes (``grid``) or (B, C, H, W) (``native``)."""
 
+    request_params = ("tile_mode",)
+
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         del weights_dir
         self.mode = params.get("tile_mode", "grid")

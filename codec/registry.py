@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from codec.base import AnalogMapper, Codec, CodecError, SourceCoder, TensorStage
+from serving.registry import Registry
 
-_STAGES: dict[str, type[TensorStage]] = {}
-_TERMINALS: dict[str, type[SourceCoder] | type[AnalogMapper]] = {}
-_PRESETS: dict[str, "CodecPreset"] = {}
+STAGES: Registry[type[TensorStage]] = Registry("codec stage")
+TERMINALS: Registry[type[SourceCoder] | type[AnalogMapper]] = Registry("terminal coder")
+PRESETS: Registry["CodecPreset"] = Registry("codec")
 
 S = TypeVar("S", bound=type)
 
@@ -32,62 +33,79 @@ class CodecPreset:
 
 
 def register_stage(name: str) -> Callable[[S], S]:
-    def wrap(cls: S) -> S:
-        if name in _STAGES:
-            raise ValueError(f"stage {name!r} registered twice")
-        cls.name = name
-        _STAGES[name] = cls
-        return cls
-    return wrap
+    return STAGES.register(name)
 
 
 def register_terminal(name: str) -> Callable[[S], S]:
-    def wrap(cls: S) -> S:
-        if name in _TERMINALS:
-            raise ValueError(f"terminal coder {name!r} registered twice")
-        cls.name = name
-        _TERMINALS[name] = cls
-        return cls
-    return wrap
+    return TERMINALS.register(name)
 
 
 def register_preset(name: str, spec: str, description: str, **params: str) -> None:
-    if name in _PRESETS:
-        raise ValueError(f"codec {name!r} registered twice")
-    _PRESETS[name] = CodecPreset(name, spec, description, dict(params))
+    PRESETS.add(name, CodecPreset(name, spec, description, dict(params)))
 
 
 def codec_names() -> list[str]:
-    return sorted(_PRESETS)
+    return sorted(PRESETS.names())
 
 
 def list_codecs() -> list[CodecPreset]:
-    return [_PRESETS[n] for n in codec_names()]
+    return [PRESETS.get(n) for n in codec_names()]
 
 
 def stage_names() -> list[str]:
-    return sorted(_STAGES)
+    return sorted(STAGES.names())
 
 
 def terminal_names() -> list[str]:
-    return sorted(_TERMINALS)
+    return sorted(TERMINALS.names())
 
 
 def resolve_spec(name: str) -> tuple[str, dict[str, str]]:
     """The stage spec and default params of a codec name (a preset or a ``+``-joined composition)."""
-    if name in _PRESETS:
-        preset = _PRESETS[name]
+    if name in PRESETS:
+        preset = PRESETS.get(name)
         return preset.spec, dict(preset.params)
     return name, {}
 
 
+def _parts(name: str) -> tuple[list[type[TensorStage]], type[SourceCoder] | type[AnalogMapper]]:
+    spec, _ = resolve_spec(name)
+    parts = [p for p in spec.split("+") if p]
+    if not parts:
+        raise CodecError(f"unknown codec {name!r}; known: {', '.join(codec_names())}")
+    *stage_parts, terminal_part = parts
+    if terminal_part not in TERMINALS:
+        raise CodecError(f"unknown codec {name!r}: {terminal_part!r} is not a terminal coder; "
+                         f"known codecs: {', '.join(codec_names())}; terminals: {', '.join(terminal_names())}")
+    for part in stage_parts:
+        if part not in STAGES:
+            raise CodecError(f"unknown codec {name!r}: {part!r} is not a stage; stages: {', '.join(stage_names())}")
+    return [STAGES.get(p) for p in stage_parts], TERMINALS.get(terminal_part)
+
+
 def codec_kind(name: str) -> str:
     """``"analog"`` or ``"digital"``, from the terminal coder's class (nothing is loaded)."""
-    spec, _ = resolve_spec(name)
-    terminal = _TERMINALS.get(spec.split("+")[-1])
-    if terminal is None:
-        raise CodecError(f"unknown codec {name!r}; known: {', '.join(codec_names())}")
+    _, terminal = _parts(name)
     return "analog" if issubclass(terminal, AnalogMapper) else "digital"
+
+
+def request_params(name: str) -> tuple[str, ...]:
+    """The codec params a request may set for codec ``name`` (nothing is loaded)."""
+    stages, terminal = _parts(name)
+    out: list[str] = []
+    for part in (*stages, terminal):
+        out += [p for p in part.request_params if p not in out]
+    return tuple(out)
+
+
+def check_request_params(name: str, params: dict[str, str]) -> None:
+    """Refuse request-supplied params outside codec ``name``'s allow-list: header fields such as
+    ``side_info`` or ``coded_tensors`` are the codec's own and never set by a request."""
+    allowed = request_params(name)
+    for key in params:
+        if key not in allowed:
+            raise CodecError(f"codec_params.{key}: not a parameter of codec {name!r} "
+                             f"(takes: {', '.join(allowed) or 'none'})")
 
 
 def build_codec(name: str, params: dict[str, str] | None = None, weights_dir: Path | None = None) -> Codec:
@@ -96,19 +114,6 @@ def build_codec(name: str, params: dict[str, str] | None = None, weights_dir: Pa
     Raises :class:`CodecError` naming the unknown part when ``name`` is neither a preset nor a valid
     composition.
     """
-    spec, defaults = resolve_spec(name)
-    parts = [p for p in spec.split("+") if p]
-    if not parts:
-        raise CodecError(f"unknown codec {name!r}; known: {', '.join(codec_names())}")
-    *stage_parts, terminal_part = parts
-    if terminal_part not in _TERMINALS:
-        raise CodecError(f"unknown codec {name!r}: {terminal_part!r} is not a terminal coder; "
-                         f"known codecs: {', '.join(codec_names())}; terminals: {', '.join(terminal_names())}")
-    merged = {**defaults, **(params or {})}
-    stages = []
-    for part in stage_parts:
-        if part not in _STAGES:
-            raise CodecError(f"unknown codec {name!r}: {part!r} is not a stage; stages: {', '.join(stage_names())}")
-        stages.append(_STAGES[part](merged, weights_dir))
-    terminal = _TERMINALS[terminal_part](merged, weights_dir)
-    return Codec(name, stages, terminal, merged, weights_dir)
+    stages, terminal = _parts(name)
+    merged = {**resolve_spec(name)[1], **(params or {})}
+    return Codec(name, [cls(merged, weights_dir) for cls in stages], terminal(merged, weights_dir), merged, weights_dir)

@@ -1,12 +1,12 @@
 """Train the JSCC links (``jscc`` and ``e2e-meg``) end to end: ``python -m codec.train_jscc``.
 
 Why a script of its own: the runtime codec must not import any channel model, but training must see the
-channel the testbed really applies. This module (never imported by ``codec/__init__``) reimplements
-:mod:`channel_sim.channels` in torch with the same conventions, so gradients flow through it:
+channel the testbed really applies. This module (never imported by ``codec/__init__``) runs the emulator's
+own torch channel blocks (:mod:`radio`), so gradients flow through exactly what the testbed applies:
 
 * N0 = mean(|x|²) / SNR per image (SNR relative to the measured power of what is sent);
 * AWGN: y = x + n, used as is;
-* Rayleigh: block fading h ~ CN(0, 1), one gain per ``DEFAULT_COHERENCE_SYMBOLS`` symbols, receiver CSI and
+* Rayleigh: block fading h ~ CN(0, 1), one gain per coherence block (64 symbols), receiver CSI and
   the scalar MMSE equaliser conj(h)·y / (|h|² + N0/P).
 
 The objective is the paper's E2E one: latents of the embedded model (``vae.encode(images).latent_dist.mean``
@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from channel_sim.channels import DEFAULT_COHERENCE_SYMBOLS
 from codec.jscc import PACKAGE_WEIGHTS, JsccNet
 from codec.merging import merge_tokens, unmerge_tokens
+from radio import build_block
 
 logger = logging.getLogger(__name__)
 
@@ -40,24 +40,15 @@ SNR_RANGE_DB = (-5.0, 20.0)
 
 
 def torch_channel(symbols: torch.Tensor, snr_db: torch.Tensor, rayleigh: torch.Tensor,
-                  block: int = DEFAULT_COHERENCE_SYMBOLS) -> torch.Tensor:
-    """Differentiable twin of ``build_channel(...).apply_analog``: (B, S) complex → equalised (B, S).
-
-    ``snr_db`` (B,) per image; ``rayleigh`` (B,) bool selects block fading + MMSE, else AWGN.
-    """
-    b, s = symbols.shape
-    power = symbols.abs().pow(2).mean(dim=1, keepdim=True).detach().clamp_min(1e-12)
-    n0 = power / torch.pow(10.0, snr_db[:, None] / 10.0)
-    noise = torch.complex(torch.randn(b, s, device=symbols.device), torch.randn(b, s, device=symbols.device))
-    noise = noise * (n0 / 2.0).sqrt()
-    blocks = -(-s // block)
-    h = torch.complex(torch.randn(b, blocks, device=symbols.device),
-                      torch.randn(b, blocks, device=symbols.device)) / math.sqrt(2.0)
-    h = h.repeat_interleave(block, dim=1)[:, :s]
-    h = torch.where(rayleigh[:, None], h, torch.ones_like(h))
-    y = h * symbols + noise
-    equalised = h.conj() * y / (h.abs().pow(2) + n0 / power)
-    return torch.where(rayleigh[:, None], equalised, y)
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The emulator's own channel blocks (:mod:`radio`) on a training batch: (B, S) complex → what the
+    receiver sees, ``snr_db`` (B,) per image, ``rayleigh`` (B,) bool selects Rayleigh block fading (MMSE with
+    receiver CSI) over AWGN. Differentiable: the blocks are torch."""
+    awgn = build_block("awgn", {"snr_db": 0.0})          # the SNR is given per row below
+    fading = build_block("rayleigh", {"snr_db": 0.0})
+    y_awgn = awgn.apply_analog(symbols, generator, snr_db)
+    y_fading = fading.apply_analog(symbols, generator, snr_db)
+    return torch.where(rayleigh[:, None], y_fading, y_awgn)
 
 
 def load_family(root: Path, decoder_name: str, stand_in: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -167,11 +158,11 @@ def evaluate(net: JsccNet, ratio: float, latents: torch.Tensor, targets: torch.T
              decoder: torch.nn.Module) -> dict[str, float]:
     """Pixel PSNR (dB) against the clean decode at a few SNRs, AWGN and Rayleigh (the torch channel)."""
     out = {}
-    for kind in ("awgn", "rayleigh"):
+    for kind, fading in (("awgn", False), ("rayleigh", True)):
         for snr_db in (-5.0, 0.0, 10.0, 20.0):
             torch.manual_seed(1)
             snr = torch.full((latents.shape[0],), snr_db)
-            est = forward_link(net, latents, snr, torch.full_like(snr, kind == "rayleigh", dtype=torch.bool), ratio)
+            est = forward_link(net, latents, snr, torch.full_like(snr, fading, dtype=torch.bool), ratio)
             mse = torch.nn.functional.mse_loss(decode_image(decoder, est).clamp(0, 1), targets).item()
             out[f"{kind}@{snr_db:g}"] = round(-10 * math.log10(max(mse, 1e-10)), 2)
     return out

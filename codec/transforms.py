@@ -119,6 +119,8 @@ class FcmStage(TensorStage):
     request is sent.
     """
 
+    request_params = ("fcm_stats", "fcm_lo", "fcm_hi")
+
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         lo, hi = _float_param(params, "fcm_lo"), _float_param(params, "fcm_hi")
         if lo is None or hi is None:
@@ -206,6 +208,8 @@ class DtufcStage(TensorStage):
     smallest centre map to index 0. Tensors are seen as (..., C, H, W); with G groups of centres, channel c
     uses group c // (C / G).
     """
+
+    request_params = ("dtufc_centres", "dtufc_bits")
 
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         path = resolve_weights_file(params.get("dtufc_centres", "shapes_v1"), "dtufc_", ".safetensors", weights_dir)

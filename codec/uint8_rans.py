@@ -47,6 +47,8 @@ def _as_nchw(t: torch.Tensor) -> torch.Tensor:
 class Uint8RansCoder(SourceCoder):
     """Quantise each tensor to ``bits`` (default 8) uniformly between its min and max, entropy-code with rANS."""
 
+    request_params = ("bits",)
+
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         del weights_dir
         try:

@@ -1,39 +1,33 @@
 """The device client: a FastAPI app that takes prompts over REST, receives features from the edge through
-the channel emulator, decodes them with its lightweight decoder and serves the images."""
+the channel emulator, decodes them with its lightweight decoder and serves the images and the dashboard."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import io
+import hashlib
 import logging
 import os
-import secrets
-import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import numpy as np
-import torch
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import codec
-from channel_sim.channels import list_channels
-from codec.base import CodecError
-from device_client.decoders import DecoderBank, DecoderUnavailableError
+from device_client.decoders import DecoderBank
 from device_client.finisher import SplitFinisher
-from device_client.link import DeviceLink, DeviceLinkConfig, LinkError
-from device_client.quality import ms_ssim_score, psnr_db
-from device_client.schemas import GenerateIn, GenerateOut, Timings
-from meg.v1 import meg_pb2
-from telemetry.logs import reset_request_id, set_request_id
+from device_client.generate import GenerateDefaults, ImageGeneration
+from device_client.guard import DeviceGuard
+from device_client.link import DeviceLink, DeviceLinkConfig
+from device_client.schemas import GenerateIn, GenerateOut
+from radio import CHANNELS
+from serving.http_adapter import respond
 from telemetry.metrics import MegMetrics
 
 log = logging.getLogger(__name__)
@@ -46,20 +40,25 @@ def default_model_dir() -> Path:
 
 @dataclass
 class DeviceConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    channel: str = "127.0.0.1:50052"
-    model_dir: Path = field(default_factory=default_model_dir)
-    device: str = "cpu"
-    request_timeout_s: float = 120.0
-    max_in_flight: int = 64
-    max_images: int = 512
-    max_body_bytes: int = 64 * 1024
-    default_steps: int = 20
-    default_guidance: float = 4.0
-    default_codec: str = "raw-fp16"
-    api_keys: tuple[str, ...] = ()
-    tls_dir: Path | None = None     # mutual TLS towards the channel emulator (`meg certs`)
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (off loopback needs MEG_API_KEY)"})
+    port: int = field(default=8000, metadata={"help": "REST port"})
+    channel: str = field(default="127.0.0.1:50052", metadata={"help": "channel emulator address host:port"})
+    model_dir: Path = field(default_factory=default_model_dir, metadata={"help": "model folder with the decoders"})
+    device: str = field(default="cpu", metadata={"help": "torch device of the decoders, e.g. cpu or cuda"})
+    request_timeout_s: float = field(default=120.0, metadata={"help": "deadline of one request end to end"})
+    max_in_flight: int = field(default=64, metadata={"help": "requests served at once before 503"})
+    max_images: int = field(default=512, metadata={"help": "images kept in memory for GET /v1/images"})
+    max_body_bytes: int = field(default=64 * 1024, metadata={"help": "largest request body (413 beyond)"})
+    body_timeout_s: float = field(default=30.0, metadata={"help": "deadline to receive a request body (408)"})
+    header_timeout_s: float = field(default=10.0, metadata={"help": "deadline to receive request headers"})
+    max_connections: int = field(default=256, metadata={"help": "open HTTP connections at most (503 beyond)"})
+    default_steps: int = field(default=20, metadata={"help": "denoising steps when a request sets none"})
+    default_guidance: float = field(default=4.0, metadata={"help": "guidance scale when a request sets none"})
+    default_codec: str = field(default="raw-fp16", metadata={"help": "codec when a request sets none"})
+    max_pixel_steps: int = field(default=512 * 512 * 50, metadata={
+        "help": "refuse requests over height × width × steps at once (the edge enforces its own budget too)"})
+    api_keys: tuple[str, ...] = field(default=(), metadata={"help": "API keys (from MEG_API_KEY)", "cli": False})
+    tls_dir: Path | None = field(default=None, metadata={"help": "mutual TLS towards the channel emulator"})
 
     @staticmethod
     def keys_from_env() -> tuple[str, ...]:
@@ -83,16 +82,9 @@ class ImageStore:
         return self._items.get(image_id)
 
 
-def to_png(image: torch.Tensor) -> bytes:
-    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _error(status: int, detail: str, retry_after: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": retry_after} if retry_after else None
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+def key_owner(key: str | None) -> str:
+    """Who made a request, as history stores it: a hash of the API key (never the key), "" without keys."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16] if key else ""
 
 
 class DeviceState:
@@ -106,54 +98,73 @@ class DeviceState:
         self.finisher = SplitFinisher(config.model_dir, config.device)
         self.images = ImageStore(config.max_images)
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
-        self.in_flight = 0
+        self.generation: ImageGeneration | None = None
+
+    def start(self) -> None:
+        credentials = None
+        if self.config.tls_dir is not None:
+            from security.tls import channel_credentials
+
+            credentials = channel_credentials(self.config.tls_dir, "device")
+        self.link = DeviceLink(DeviceLinkConfig(self.config.channel), credentials)
+        c = self.config
+        defaults = GenerateDefaults(c.default_steps, c.default_guidance, c.default_codec, c.request_timeout_s,
+                                    c.max_in_flight, c.max_pixel_steps)
+        self.generation = ImageGeneration(self.link, self.decoders, self.finisher, defaults, self.metrics)
 
 
-def create_app(config: DeviceConfig) -> FastAPI:
+def create_app(config: DeviceConfig) -> Any:
+    """The device's ASGI app: the FastAPI routes behind :class:`~device_client.guard.DeviceGuard`."""
     state = DeviceState(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        credentials = None
-        if config.tls_dir is not None:
-            from security.tls import channel_credentials
-
-            credentials = channel_credentials(config.tls_dir, "device")
-        state.link = DeviceLink(DeviceLinkConfig(config.channel), credentials)
+        state.start()
         # Load the decoders before the first request, so its latency is not a cold start.
         for kind in state.decoders.available():
             await asyncio.to_thread(state.decoders.get, kind)
         yield
+        assert state.link is not None
         await state.link.close()
 
     app = FastAPI(title="MEG device client", version="1.0",
                   description="Prompts in, images out: features cross a simulated wireless link from the edge.",
                   lifespan=lifespan)
     app.state.meg = state
+    _add_error_handlers(app)
+    _add_page_routes(app, state)
+    _add_api_routes(app, state)
+    guarded = DeviceGuard(app, config.api_keys, config.max_body_bytes, config.body_timeout_s)
+    guarded.state = app.state  # type: ignore[attr-defined]  (tests reach the state through the app)
+    return guarded
 
-    def require_key(request: Request) -> None:
-        if not config.api_keys:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not any(secrets.compare_digest(token, k) for k in config.api_keys):
-            raise HTTPException(401, "missing or invalid API key: send Authorization: Bearer <key>",
-                                headers={"WWW-Authenticate": "Bearer"})
 
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": e["msg"]}
-                  for e in exc.errors()]
+        errors = [_field_error(e) for e in exc.errors()]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > config.max_body_bytes:
-            return _error(413, f"request body over {config.max_body_bytes} bytes")
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # Invalid UTF-8 or JSON nested too deep: the client's body is unusable, like any unparsable body.
+            return JSONResponse({"detail": "body: not valid JSON (encoding or nesting)"}, status_code=422)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
+
+def _field_error(error: dict[str, Any]) -> dict[str, str]:
+    field_name = ".".join(str(p) for p in error["loc"] if p != "body")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    # Cross-field rules report their own dotted field ("channel.snr_db: required").
+    head, sep, rest = message.partition(": ")
+    if sep and head.startswith(field_name + ".") and " " not in head:
+        field_name, message = head, rest
+    return {"field": field_name or "body", "message": message}
+
+
+def _add_page_routes(app: FastAPI, state: DeviceState) -> None:
     @app.get("/", include_in_schema=False)
     async def dashboard() -> Response:
         index = STATIC_DIR / "index.html"
@@ -174,185 +185,52 @@ def create_app(config: DeviceConfig) -> FastAPI:
         assert state.link is not None
         ok, reason = await state.link.health()
         return JSONResponse({"status": "ok" if ok else "unavailable", "reason": reason},
-                            status_code=200 if ok else 503)
+                            status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "2"})
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/codecs", dependencies=[Depends(require_key)])
-    async def codecs() -> dict[str, Any]:
-        from codec.registry import codec_kind, resolve_spec
 
-        items = []
-        for preset in codec.list_codecs():
-            items.append({"name": preset.name, "description": preset.description, "kind": codec_kind(preset.name),
-                          "stages": resolve_spec(preset.name)[0].split("+"), "params": preset.params})
+def _add_api_routes(app: FastAPI, state: DeviceState) -> None:
+    config = state.config
+
+    @app.get("/v1/codecs")
+    async def codecs() -> dict[str, Any]:
+        from codec.registry import codec_kind, request_params, resolve_spec
+
+        items = [{"name": p.name, "description": p.description, "kind": codec_kind(p.name),
+                  "stages": resolve_spec(p.name)[0].split("+"), "params": p.params,
+                  "request_params": list(request_params(p.name))} for p in codec.list_codecs()]
         return {"codecs": items, "default": config.default_codec}
 
-    @app.get("/v1/channels", dependencies=[Depends(require_key)])
+    @app.get("/v1/channels")
     async def channels() -> dict[str, Any]:
-        return {"channels": [{"name": c.name, "description": c.description, "parameters": list(c.parameters)}
-                             for c in list_channels()]}
+        return {"channels": [cls.describe() for cls in CHANNELS.values()]}
 
-    @app.get("/v1/history", dependencies=[Depends(require_key)])
-    async def history() -> dict[str, Any]:
-        return {"requests": list(state.history)}
+    @app.get("/v1/history")
+    async def history(request: Request) -> dict[str, Any]:
+        owner = key_owner(request.scope.get("state", {}).get("api_key"))
+        return {"requests": [{k: v for k, v in r.items() if k != "owner"} for r in state.history
+                             if r["owner"] == owner]}
 
-    @app.get("/v1/images/{name}", dependencies=[Depends(require_key)])
+    @app.get("/v1/images/{name}")
     async def image(name: str) -> Response:
-        image_id = name.removesuffix(".png")
-        png = state.images.get(image_id) if name.endswith(".png") else None
+        png = state.images.get(name.removesuffix(".png")) if name.endswith(".png") else None
         if png is None:
             raise HTTPException(404, f"no image {name!r} (images are kept for the last {config.max_images} requests)")
         return Response(png, media_type="image/png")
 
-    @app.post("/v1/generate", response_model=GenerateOut, dependencies=[Depends(require_key)])
+    @app.post("/v1/generate", response_model=GenerateOut)
     async def generate(body: GenerateIn, request: Request) -> Response:
-        if state.in_flight >= config.max_in_flight:
-            state.metrics.error("device_overloaded")
-            return _error(503, f"device has {state.in_flight} requests in flight (limit {config.max_in_flight})",
-                          retry_after="1")
-        request_id = uuid.uuid4().hex[:16]
-        token = set_request_id(request_id)
-        state.in_flight += 1
-        state.metrics.in_flight.labels("device").set(state.in_flight)
-        try:
-            return await _generate(state, body, request, request_id)
-        finally:
-            state.in_flight -= 1
-            state.metrics.in_flight.labels("device").set(state.in_flight)
-            reset_request_id(token)
-
-    return app
+        assert state.generation is not None
+        answer = await respond(state.generation, body, state.metrics, request.is_disconnected)
+        if isinstance(answer, Response):
+            return answer
+        out, png = answer
+        state.images.put(out.id, png)
+        owner = key_owner(request.scope.get("state", {}).get("api_key"))
+        state.history.append({**out.model_dump(), "snr_db": out.channel.get("snr_db"), "owner": owner})
+        return JSONResponse(out.model_dump())
 
 
-def _grpc_request(config: DeviceConfig, body: GenerateIn, request_id: str) -> meg_pb2.GenerateRequest:
-    ch = body.channel
-    spec = meg_pb2.ChannelSpec(model=ch.model, modulation=ch.modulation or "", fec=ch.fec or "")
-    for name in ("snr_db", "bandwidth_hz", "delay_ms", "k_factor", "coherence_symbols", "seed", "code_rate"):
-        value = getattr(ch, name)
-        if value is not None:
-            setattr(spec, name, value)
-    return meg_pb2.GenerateRequest(
-        request_id=request_id, prompt=body.prompt,
-        seed=body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "little"),
-        steps=body.steps or config.default_steps,
-        guidance_scale=body.guidance_scale if body.guidance_scale is not None else config.default_guidance,
-        codec=body.codec or config.default_codec, codec_params=body.codec_params, channel=spec,
-        split_step=body.split_step, reference=body.reference, height=body.height or 0, width=body.width or 0)
-
-
-async def _generate(state: DeviceState, body: GenerateIn, request: Request, request_id: str) -> Response:
-    config = state.config
-    assert state.link is not None
-    started = time.perf_counter()
-    req = _grpc_request(config, body, request_id)
-    if req.split_step and req.split_step >= req.steps:
-        return _error(422, f"split_step: must be below steps ({req.steps}), got {req.split_step}")
-    noisy = req.channel.model != "ideal"
-    snr = req.channel.snr_db if req.channel.HasField("snr_db") else (10.0 if noisy else None)
-    labels = state.metrics.labels("-", req.codec, req.channel.model, snr)
-    try:
-        decoder_kind = state.decoders.resolve(body.decoder, noisy)
-    except DecoderUnavailableError as exc:
-        return _error(422, f"decoder: {exc}")
-
-    # The REST client may go away mid-request: watch for it and cancel the call upstream (edge work stops).
-    call = asyncio.ensure_future(state.link.generate(req, config.request_timeout_s))
-    while not call.done():
-        done, _ = await asyncio.wait({call}, timeout=0.25)
-        if not done and await request.is_disconnected():
-            call.cancel()
-            state.metrics.error("client_disconnected")
-            log.info("client disconnected; cancelled upstream work")
-            return _error(499, "client disconnected")
-    try:
-        received = call.result()
-    except LinkError as exc:
-        state.metrics.error(exc.kind)
-        state.metrics.requests.labels("device", req.codec, req.channel.model, exc.kind).inc()
-        log.warning("request failed (%d): %s", exc.http_status, exc.reason)
-        return _error(exc.http_status, exc.reason, exc.retry_after_s)
-    labels["model"] = received.header.model_id
-
-    t_dec = time.perf_counter()
-    try:
-        image, reference_image, concealed = await asyncio.to_thread(
-            _decode, state, received, decoder_kind)
-    except (DecoderUnavailableError, ValueError) as exc:
-        state.metrics.error("decode_failed")
-        return _error(502, f"device could not decode the features: {exc}")
-    decode_s = time.perf_counter() - t_dec
-
-    image_id = uuid.uuid4().hex
-    state.images.put(image_id, await asyncio.to_thread(to_png, image[0]))
-    quality: dict[str, float] = {}
-    if reference_image is not None:
-        quality = {"psnr_db": psnr_db(image, reference_image), "ms_ssim": ms_ssim_score(image, reference_image)}
-        state.metrics.image_psnr_db.labels(**labels).observe(quality["psnr_db"])
-        state.metrics.image_ms_ssim.labels(**labels).observe(quality["ms_ssim"])
-    h, report = received.header, received.trailer.channel
-    total_s = time.perf_counter() - started
-    edge_ms = h.timings.queue_ms + h.timings.text_encode_ms + h.timings.denoise_ms
-    out = GenerateOut(
-        id=image_id, image_url=f"/v1/images/{image_id}.png", width=int(image.shape[-1]), height=int(image.shape[-2]),
-        codec=h.codec_id, channel=_channel_echo(report, req.channel), bits_sent=received.payload.bits_sent,
-        symbols_sent=int(report.symbols), airtime_ms=report.airtime_ms,
-        timings_ms=Timings(edge=edge_ms, encode=h.timings.encode_ms, channel=report.channel_ms,
-                           decode=1e3 * decode_s, total=1e3 * total_s),
-        quality=quality, model=h.model_id, decoder=decoder_kind, bit_errors=int(report.bit_errors),
-        concealed=concealed, batch_size=h.timings.batch_size, prompt=req.prompt, seed=req.seed, steps=req.steps,
-        guidance_scale=req.guidance_scale)
-    state.metrics.observe_stage(labels, "decode", decode_s)
-    state.metrics.observe_stage(labels, "end_to_end", total_s)
-    state.metrics.request_bits.labels(**labels).observe(out.bits_sent)
-    state.metrics.request_symbols.labels(**labels).observe(out.symbols_sent)
-    state.metrics.requests.labels("device", req.codec, req.channel.model, "ok").inc()
-    state.history.append({**out.model_dump(), "snr_db": snr})
-    log.info("%s over %s: %d bits, %d symbols, %.1f ms", out.codec, req.channel.model, out.bits_sent,
-             out.symbols_sent, out.timings_ms.total)
-    return JSONResponse(out.model_dump())
-
-
-def _channel_echo(report: meg_pb2.ChannelReport, spec: meg_pb2.ChannelSpec) -> dict[str, object]:
-    echo: dict[str, object] = {"model": report.model or spec.model, "bandwidth_hz": report.bandwidth_hz,
-                               "delay_ms": report.delay_ms, "modulation": report.modulation}
-    if report.model and report.model != "ideal":
-        echo["snr_db"] = report.snr_db
-    if spec.model == "rician":
-        echo["k_factor"] = spec.k_factor if spec.HasField("k_factor") else None
-    if spec.fec:
-        echo["fec"] = spec.fec
-    return echo
-
-
-def _decode(state: DeviceState, received: Any, decoder_kind: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """Features → image (and the clean reference image when the edge sent reference features)."""
-    header = received.header
-    concealed = False
-    try:
-        feature_codec = codec.build_codec(header.codec_id, dict(header.codec_params),
-                                          Path(codec.__file__).resolve().parent / "weights")
-        tensors = feature_codec.decode(received.payload)
-    except CodecError as exc:
-        if received.trailer.channel.bit_errors == 0:
-            raise ValueError(f"payload does not decode: {exc}") from exc
-        # Bits flipped on the air broke the bitstream: conceal the erasure (mid-grey latent) rather than fail.
-        log.warning("payload lost to channel errors (%s); concealing", exc)
-        tensors = {info.name: torch.zeros(info.shape) for info in received.payload.tensors}
-        concealed = True
-    decoder = state.decoders.get(decoder_kind)
-
-    def to_image(features: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "noisy_latents" in features:
-            latents = state.finisher.finish(features["noisy_latents"], header.prompt, header.split_step,
-                                            header.total_steps, header.guidance_scale)
-        else:
-            latents = features["latents"]
-        # Channel noise can push latents far outside the decoder's range; clip to what a VAE ever emits.
-        return decoder.decode(latents.clamp(-50.0, 50.0))
-
-    image = to_image(tensors)
-    reference = to_image(received.reference) if received.reference else None
-    return image, reference, concealed

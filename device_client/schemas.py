@@ -1,56 +1,71 @@
-"""REST request and response models of the device API (a contract: other tools drive it)."""
+"""REST request and response models of the device API (a contract: other tools drive it).
+
+The channel object's fields are generated from the channel blocks' parameter declarations
+(:mod:`radio`), so ranges and help texts are written once; the cross-field rules (which model takes which
+parameter, SNR required on a noisy channel) run through :meth:`radio.ChannelSpec.from_mapping`, the same
+validation the channel emulator applies. Requests are strict: a string where a number goes is a 422.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 import codec
-from channel_sim.channels import MODULATIONS, SNR_RANGE_DB, channel_names
+from codec.base import CodecError
+from codec.registry import check_request_params
+from radio import ChannelError, ChannelSpec, channel_names
+from radio.spec import schema_fields
 
 MAX_PROMPT_CHARS = 500
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
-class ChannelIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _channel_field(spec: Any, models: list[str]) -> tuple[Any, Any]:
+    kind: Any = {float: float, int: int, str: str}[spec.kind]
+    if spec.choices:
+        kind = Literal[spec.choices]  # type: ignore[valid-type]
+    bounds = {} if spec.kind is str else {k: v for k, v in (("ge", spec.lo), ("le", spec.hi)) if v is not None}
+    takes = "" if set(models) == set(channel_names()) else f" [{', '.join(models)}]"
+    default = f"; default {spec.default}" if spec.default not in (None, "") else ""
+    return kind | None, Field(None, description=f"{spec.help}{default}{takes}", **bounds)
 
-    model: str = Field("ideal", description="ideal | awgn | rayleigh | rician")
-    snr_db: float | None = Field(None, ge=SNR_RANGE_DB[0], le=SNR_RANGE_DB[1], description="receive SNR in dB")
-    bandwidth_hz: float | None = Field(None, ge=1e3, le=1e10, description="symbol rate, complex symbols/s")
-    delay_ms: float | None = Field(None, ge=0, le=10_000, description="one-way propagation delay")
-    k_factor: float | None = Field(None, ge=0, le=1e4, description="Rician K factor (linear)")
-    coherence_symbols: int | None = Field(None, ge=1, le=1 << 24, description="block-fading length")
-    modulation: str | None = Field(None, description="digital payloads: bpsk | qpsk | 16qam | 64qam")
-    fec: Literal["none", "ldpc"] | None = Field(None, description="digital payloads: uncoded or LDPC")
-    code_rate: float | None = Field(None, gt=0, lt=1, description="LDPC code rate")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="channel noise seed")
 
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        if v not in channel_names():
-            raise ValueError(f"unknown channel model {v!r}; known: {', '.join(channel_names())}")
-        return v
+def _validate_channel(model: BaseModel) -> BaseModel:
+    try:
+        ChannelSpec.from_mapping(model.model_dump())
+    except ChannelError as exc:
+        raise ValueError(str(exc)) from exc
+    return model
 
-    @field_validator("modulation")
-    @classmethod
-    def _known_modulation(cls, v: str | None) -> str | None:
-        if v is not None and v not in MODULATIONS:
-            raise ValueError(f"unknown modulation {v!r}; known: {', '.join(MODULATIONS)}")
-        return v
+
+def _channel_model() -> type[BaseModel]:
+    fields: dict[str, Any] = {name: _channel_field(spec, models) for name, (spec, models) in schema_fields().items()}
+    fields["model"] = (Literal[tuple(channel_names())], Field("ideal", description="channel model (GET /v1/channels)"))
+    return create_model("ChannelIn", __config__=STRICT, __doc__="A wireless link; see GET /v1/channels.",
+                        __validators__={"_spec": model_validator(mode="after")(_validate_channel)}, **fields)
+
+
+ChannelIn = _channel_model()
+
+
+def channel_spec(channel: BaseModel) -> ChannelSpec:
+    """The validated :class:`radio.ChannelSpec` of a request's channel object."""
+    return ChannelSpec.from_mapping(channel.model_dump())
 
 
 class GenerateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     steps: int | None = Field(None, ge=1, le=200)
     guidance_scale: float | None = Field(None, ge=0, le=50)
     codec: str | None = Field(None, description="a codec name from GET /v1/codecs")
-    codec_params: dict[str, str] = Field(default_factory=dict)
-    channel: ChannelIn = Field(default_factory=ChannelIn)
+    codec_params: dict[str, str] = Field(default_factory=dict,
+                                         description="the codec's request parameters (GET /v1/codecs lists them)")
+    channel: ChannelIn = Field(default_factory=ChannelIn)  # type: ignore[valid-type]
     reference: bool = False
     split_step: int = Field(0, ge=0, le=199, description="0: the edge runs every step; k: the device runs k+1..N")
     decoder: Literal["auto", "tiny", "robust", "vae"] = "auto"
@@ -70,6 +85,20 @@ class GenerateIn(BaseModel):
         if v is not None and v not in codec.codec_names():
             raise ValueError(f"unknown codec {v!r}; known: {', '.join(codec.codec_names())}")
         return v
+
+
+def codec_problem(codec_name: str, body: GenerateIn) -> str | None:
+    """Cross-field rules between the codec and the rest of the request (the message names the field)."""
+    try:
+        check_request_params(codec_name, body.codec_params)
+    except CodecError as exc:
+        return str(exc)
+    if codec.registry.codec_kind(codec_name) == "analog":
+        for name in ("fec", "modulation", "code_rate"):
+            if getattr(body.channel, name) is not None:
+                return (f"channel.{name}: applies to digital payloads only; codec {codec_name!r} sends analog "
+                        "symbols")
+    return None
 
 
 class Timings(BaseModel):

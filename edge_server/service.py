@@ -23,6 +23,7 @@ import torch
 
 import codec
 from codec.base import CodecError
+from codec.registry import check_request_params
 from edge_server.diffusion import DiffusionJob, DiffusionStepModel
 from edge_server.scheduler import (
     Completion, QueueFullError, SchedulerConfig, SchedulerStoppedError, StepScheduler,
@@ -50,16 +51,25 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / "shapes_v1"
 
 
+#: Default compute budget of one request: pixels × steps of a 512×512 image at 50 steps.
+DEFAULT_MAX_PIXEL_STEPS = 512 * 512 * 50
+
+
 @dataclass
 class EdgeConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9101          # 0: no metrics endpoint
-    model_dir: Path = field(default_factory=default_model_dir)
-    device: str = "cpu"
-    dtype: str = "float32"
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=50051, metadata={"help": "gRPC port"})
+    metrics_port: int = field(default=9101, metadata={"help": "Prometheus metrics port (0 disables)"})
+    model_dir: Path = field(default_factory=default_model_dir, metadata={
+        "help": "diffusers folder (default: the embedded models/shapes_v1)"})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
+    dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     engine: SchedulerConfig = field(default_factory=SchedulerConfig)
-    grace_s: float = 10.0
+    grace_s: float = field(default=10.0, metadata={"help": "seconds to drain in-flight work at shutdown"})
+    max_pixel_steps: int = field(default=DEFAULT_MAX_PIXEL_STEPS, metadata={
+        "help": "per-request compute budget, height × width × steps (default: 512×512 at 50 steps)"})
+    insecure_grpc: bool = field(default=False, metadata={
+        "help": "serve plaintext gRPC off loopback (default: refused without --tls-dir)"})
 
     def torch_dtype(self) -> torch.dtype:
         try:
@@ -125,8 +135,9 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
     service = "edge"
 
     def __init__(self, backend: TextToImageBackend, scheduler: StepScheduler, metrics: MegMetrics,
-                 encode_threads: int | None = None) -> None:
+                 encode_threads: int | None = None, max_pixel_steps: int = DEFAULT_MAX_PIXEL_STEPS) -> None:
         self.backend = backend
+        self.max_pixel_steps = max_pixel_steps
         self.scheduler = scheduler
         self.metrics = metrics
         # Codec encoding runs here, off the event loop and off the compute thread, so it overlaps the next
@@ -145,14 +156,16 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
         problem = validate_request(request)
         if problem:
             raise RequestError(Status.INVALID, problem)
-        snr = request.channel.snr_db if request.channel.HasField("snr_db") else None
+        snr = request.channel.params.get("snr_db") if link_is_noisy(request.channel.model) else None
         codec_label, chan_label = self.metric_labels(request)
         ctx.labels = self.metrics.labels(self.backend.model_id, codec_label, chan_label, snr)
         try:
             shape = self.backend.latent_shape(request.height, request.width)
             params = dict(request.codec_params)
             # SNR-adaptive codecs (JSCC) take the link's SNR as side information.
-            if snr is not None and link_is_noisy(request.channel.model):
+            check_request_params(request.codec, params)
+            self._check_budget(request, shape)
+            if snr is not None:
                 params.setdefault("channel_snr_db", f"{snr:g}")
             feature_codec = codec.build_codec(request.codec, params, self._codec_weights)
         except (ValueError, CodecError) as exc:
@@ -160,6 +173,16 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
         job = DiffusionJob(request.prompt, request.seed, request.steps, request.guidance_scale, request.split_step,
                            shape)
         return EdgeWork(request, job, feature_codec)
+
+    def _check_budget(self, request: meg_pb2.GenerateRequest, shape: tuple[int, int, int]) -> None:
+        """Refuse a request whose compute (pixels × steps) is over the budget: one huge valid request would
+        otherwise hold the compute worker for minutes while everyone else times out."""
+        factor = self.backend.vae_scale_factor
+        height, width = shape[1] * factor, shape[2] * factor
+        cost = height * width * request.steps
+        if cost > self.max_pixel_steps:
+            raise CodecError(f"steps: {height}×{width} pixels × {request.steps} steps = {cost} pixel-steps is over "
+                             f"this edge's budget of {self.max_pixel_steps}")
 
     async def run(self, work: EdgeWork, ctx: CallContext) -> EdgeResult:
         try:
@@ -226,11 +249,13 @@ async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
     metrics = MegMetrics("edge")
     backend = load_backend(config.model_dir, device=config.device, dtype=config.torch_dtype())
     scheduler = StepScheduler(DiffusionStepModel(backend), config.engine, metrics, cpu=backend.device.type == "cpu")
-    api = EdgeApi(backend, scheduler, metrics)
+    api = EdgeApi(backend, scheduler, metrics, max_pixel_steps=config.max_pixel_steps)
+    # Under mutual TLS only the channel emulator may call the edge: no client skips the emulated link.
+    peers = ("channel",) if credentials is not None else ()
 
     def register(server: grpc.aio.Server) -> None:
         add_streaming_api(server, api, metrics, SERVICE_NAME, "Generate", meg_pb2.GenerateRequest,
-                          meg_pb2.GenerateResponse)
+                          meg_pb2.GenerateResponse, allowed_peers=peers)
 
     async def on_stop() -> None:
         await asyncio.get_running_loop().run_in_executor(None, scheduler.stop, True, config.grace_s)
@@ -240,6 +265,6 @@ async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
     log.info("edge model %s, %s scheduler, batch ≤ %d, window %.0f ms, queue ≤ %d, cpu threads %s",
              backend.model_id, e.policy, e.max_batch, e.window_ms, e.max_queue, scheduler.cpu_threads or "-")
     server = GrpcServerConfig("edge", config.host, config.port, config.metrics_port, config.grace_s,
-                              grpc_server_options())
+                              grpc_server_options(), insecure=config.insecure_grpc)
     await run_grpc_service(server, register, metrics, credentials=credentials, health_status={SERVICE_NAME: SERVING},
                            on_stop=on_stop, ready=ready)

@@ -174,9 +174,8 @@ def cmd_channel(args: argparse.Namespace) -> int:
 
 
 def cmd_device(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from device_client.app import DeviceConfig, create_app
+    from device_client.server import run_device_server
 
     configure_logging("device", args.log_level)
     config = DeviceConfig(host=args.host, port=args.port, channel=args.channel, model_dir=_model_dir(args.model_dir),
@@ -187,8 +186,8 @@ def cmd_device(args: argparse.Namespace) -> int:
         return 2
     if not config.api_keys:
         log.info("no MEG_API_KEY set: the REST API is open, listening on loopback only")
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level.lower(),
-                access_log=False)
+    run_device_server(create_app(config), args.host, args.port, max_connections=config.max_connections,
+                      header_timeout_s=config.header_timeout_s, log_level=args.log_level)
     return 0
 
 

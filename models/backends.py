@@ -224,6 +224,11 @@ class DiffusersBackend(TextToImageBackend):
         return self._scaling
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side."""
+        return self._vae_factor
+
+    @property
     def default_size(self) -> int:
         return int(self.sample_size) * self._vae_factor
 

@@ -54,6 +54,13 @@ class Status(enum.Enum):
                 return status
         return cls.INTERNAL
 
+    @classmethod
+    def from_http(cls, code: int) -> "Status":
+        for status in cls:
+            if status.http_status == code:
+                return status
+        return cls.BAD_STREAM if 500 <= code < 600 else cls.INVALID
+
 
 class RequestError(Exception):
     """A request the service refuses or cannot finish, with what the caller should be told."""
@@ -75,7 +82,8 @@ class CallContext:
     request_id: str
     #: seconds left before the caller's deadline, or None when it set none
     time_remaining: Callable[[], float | None] = lambda: None
-    #: metric labels of this request (bounded values only), filled by ``decode_request``
+    #: ``codec`` and ``channel`` labels of the request counter, from :meth:`StreamingApi.metric_labels`; a
+    #: handler may refine them once it knows more (bounded values only)
     labels: dict[str, str] = field(default_factory=dict)
 
 

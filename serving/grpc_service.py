@@ -15,7 +15,8 @@ import logging
 import signal
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+import ipaddress
+from typing import Any, AsyncIterator, Awaitable, Callable, Collection, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -53,16 +54,33 @@ def _time_remaining(context: grpc.aio.ServicerContext) -> Callable[[], float | N
     return lambda: context.time_remaining()
 
 
-def streaming_handler(api: StreamingApi, metrics: MegMetrics, request_id_of: Callable[[Any], str]
-                      ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
-    """The gRPC handler of ``api``: decode_request → run → encode_response with shared bookkeeping."""
+def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
+    """The common name of the caller's verified client certificate (mutual TLS), or None without TLS."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if names else None
+
+
+def streaming_handler(api: StreamingApi, metrics: MegMetrics, request_id_of: Callable[[Any], str],
+                      allowed_peers: Collection[str] = ()) -> Callable[[Any, grpc.aio.ServicerContext],
+                                                                      AsyncIterator[Any]]:
+    """The gRPC handler of ``api``: decode_request → run → encode_response with shared bookkeeping.
+
+    ``allowed_peers``: under mutual TLS, the certificate identities allowed to call (e.g. only the channel
+    emulator may call the edge, so a device certificate cannot skip the emulated link)."""
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if allowed_peers:
+            peer = peer_identity(context)
+            if peer is not None and peer not in allowed_peers:
+                metrics.error("peer_refused")
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate {peer!r} may not call "
+                                    f"{api.service}; allowed: {', '.join(sorted(allowed_peers))}")
         if isinstance(request, _Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.reason}")
         ctx = CallContext(request_id_of(request) or uuid.uuid4().hex[:16], _time_remaining(context))
         token = set_request_id(ctx.request_id)
         codec_label, channel_label = api.metric_labels(request)
+        ctx.labels.update(codec=codec_label, channel=channel_label)
         metrics.in_flight.labels(api.service).inc()
         status = "ok"
         try:
@@ -84,15 +102,17 @@ def streaming_handler(api: StreamingApi, metrics: MegMetrics, request_id_of: Cal
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
         finally:
             metrics.in_flight.labels(api.service).dec()
-            metrics.requests.labels(api.service, codec_label, channel_label, status).inc()
+            metrics.requests.labels(api.service, ctx.labels["codec"], ctx.labels["channel"], status).inc()
             reset_request_id(token)
 
     return handle
 
 
 def add_streaming_api(server: grpc.aio.Server, api: StreamingApi, metrics: MegMetrics, service_name: str,
-                      method: str, request_type: type[Message], response_type: type[Message]) -> None:
-    """Serve ``api`` as the server-streaming ``service_name/method``."""
+                      method: str, request_type: type[Message], response_type: type[Message],
+                      allowed_peers: Collection[str] = ()) -> None:
+    """Serve ``api`` as the server-streaming ``service_name/method`` (``allowed_peers``: see
+    :func:`streaming_handler`)."""
 
     def parse(blob: bytes) -> Any:
         try:
@@ -100,7 +120,7 @@ def add_streaming_api(server: grpc.aio.Server, api: StreamingApi, metrics: MegMe
         except DecodeError as exc:
             return _Undecodable(f"not a {request_type.DESCRIPTOR.full_name}: {exc}")
 
-    handler = streaming_handler(api, metrics, lambda r: getattr(r, "request_id", ""))
+    handler = streaming_handler(api, metrics, lambda r: getattr(r, "request_id", ""), allowed_peers)
     handlers = {method: grpc.unary_stream_rpc_method_handler(
         handler, request_deserializer=parse, response_serializer=response_type.SerializeToString)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
@@ -117,6 +137,34 @@ class GrpcServerConfig:
     metrics_port: int = 0                 # 0: no metrics endpoint
     grace_s: float = 10.0
     options: Sequence[tuple[str, Any]] = field(default_factory=list)
+    #: serve plaintext gRPC off loopback (refused otherwise: anyone on the network could call it)
+    insecure: bool = False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address ("" and "0.0.0.0" bind every interface: not loopback)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class InsecureBindError(OSError):
+    """Plaintext gRPC requested on a non-loopback address without an explicit opt-in."""
+
+
+def check_exposure(config: GrpcServerConfig, has_tls: bool) -> None:
+    """Off loopback, gRPC needs mutual TLS (``--tls-dir``); ``--insecure-grpc`` overrides, loudly."""
+    if has_tls or is_loopback(config.host):
+        return
+    if not config.insecure:
+        raise InsecureBindError(
+            f"{config.name}: refusing plaintext gRPC on {config.host}: off loopback the gRPC ports need mutual "
+            "TLS (`meg certs DIR`, then --tls-dir DIR on every service), or --insecure-grpc on a network you trust")
+    log.warning("%s: PLAINTEXT gRPC on %s (--insecure-grpc): anyone who reaches this port can call it, "
+                "bypassing the device's API key", config.name, config.host)
 
 
 BackgroundTask = Callable[[health.aio.HealthServicer], Awaitable[None]]
@@ -133,6 +181,7 @@ async def run_grpc_service(config: GrpcServerConfig, register: Callable[[grpc.ai
     ``background`` tasks get the health servicer (to publish readiness) and are cancelled at shutdown;
     ``on_stop`` runs after the server stopped (drain compute, close upstream channels).
     """
+    check_exposure(config, credentials is not None)
     server = grpc.aio.server(options=list(config.options))
     register(server)
     health_servicer = health.aio.HealthServicer()

@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Buckets sized for this testbed: a CPU request takes 10 ms..30 s, a GPU one 50 ms..60 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-BITS_BUCKETS = tuple(float(2**k) for k in range(8, 31, 2))  # 256 bits .. 1 Gbit
+BYTES_BUCKETS = tuple(float(2**k) for k in range(5, 28, 2))  # 32 B .. 128 MiB
+SYMBOLS_BUCKETS = tuple(float(2**k) for k in range(8, 31, 2))  # 256 .. 1 G channel uses
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 1.5, 2.0, 5.0)
 PSNR_BUCKETS = (5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 50.0, 60.0)
 SSIM_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -26,7 +27,7 @@ STAGES = ("queue_wait", "text_encode", "denoise", "encode", "airtime", "channel"
 #: Every metric family the services export (names without the ``_bucket``/``_total`` suffixes Prometheus adds).
 METRIC_NAMES = (
     "meg_stage_seconds",
-    "meg_request_bits",
+    "meg_request_payload_bytes",
     "meg_request_symbols",
     "meg_rate_capacity_ratio",
     "meg_image_psnr_db",
@@ -41,9 +42,10 @@ METRIC_NAMES = (
 _REQUEST_LABELS = ("service", "model", "codec", "channel", "snr_bucket")
 
 
-def snr_bucket(channel_model: str, snr_db: float | None) -> str:
-    """A low-cardinality label for an SNR: 5 dB wide buckets such as ``"0..5"``; ``"ideal"`` without noise."""
-    if channel_model == "ideal" or snr_db is None or math.isinf(snr_db):
+def snr_bucket(snr_db: float | None) -> str:
+    """A low-cardinality label for an SNR: 5 dB wide buckets such as ``"0..5"``; ``"ideal"`` without noise
+    (``None``: a noiseless channel)."""
+    if snr_db is None or math.isinf(snr_db):
         return "ideal"
     low = int(math.floor(snr_db / 5.0) * 5)
     return f"{low}..{low + 5}"
@@ -66,12 +68,13 @@ class MegMetrics:
         self.stage_seconds = Histogram(
             "meg_stage_seconds", "Latency of one pipeline stage of one request",
             (*_REQUEST_LABELS, "stage"), buckets=LATENCY_BUCKETS, registry=r)
-        self.request_bits = Histogram(
-            "meg_request_bits", "Payload bits sent over the air per request (digital payloads)",
-            _REQUEST_LABELS, buckets=BITS_BUCKETS, registry=r)
+        # Prometheus wants base units: bytes here, while the REST API reports bits (bits_sent).
+        self.payload_bytes = Histogram(
+            "meg_request_payload_bytes", "Payload bytes sent over the air per request (digital payloads)",
+            _REQUEST_LABELS, buckets=BYTES_BUCKETS, registry=r)
         self.request_symbols = Histogram(
-            "meg_request_symbols", "Complex channel symbols sent per request",
-            _REQUEST_LABELS, buckets=BITS_BUCKETS, registry=r)
+            "meg_request_symbols", "Complex channel uses per request",
+            _REQUEST_LABELS, buckets=SYMBOLS_BUCKETS, registry=r)
         self.rate_capacity_ratio = Histogram(
             "meg_rate_capacity_ratio", "Achieved bits per channel use divided by the Shannon capacity at that SNR",
             _REQUEST_LABELS, buckets=RATIO_BUCKETS, registry=r)
@@ -96,9 +99,9 @@ class MegMetrics:
         self.queue_depth.labels(self.service).set(0)
 
     def labels(self, model: str, codec: str, channel: str, snr_db: float | None) -> dict[str, str]:
-        """The common label set of one request."""
+        """The common label set of one request (``snr_db`` None for a noiseless channel)."""
         return {"service": self.service, "model": model, "codec": codec, "channel": channel,
-                "snr_bucket": snr_bucket(channel, snr_db)}
+                "snr_bucket": snr_bucket(snr_db)}
 
     def observe_stage(self, labels: dict[str, str], stage: str, seconds: float) -> None:
         if stage not in STAGES:

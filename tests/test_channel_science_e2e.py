@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from channel_sim.digital import DigitalChain, DigitalChainConfig
+from radio.digital import DigitalChain, DigitalChainConfig
 from codec.jscc import PACKAGE_WEIGHTS
 from conftest import Testbed
 from meg_cli.main import _parser
@@ -126,13 +126,13 @@ def test_every_listed_channel_is_accepted(testbed: Testbed) -> None:
     assert set(names) >= {"ideal", "awgn", "rayleigh", "rician"}
     for item in listing:
         assert item["description"] and isinstance(item["parameters"], list)
-        if item["name"] != "ideal":
-            assert "snr_db" in item["parameters"]
+        assert ("snr_db" in item["parameters"]) == (not item["noiseless"])
     assert "k_factor" in next(c for c in listing if c["name"] == "rician")["parameters"]
-    for name in names:
-        resp = post(testbed, {"codec": "analog", "channel": {"model": name, "snr_db": 10}})
-        assert resp.status_code == 200, f"{name}: {resp.text}"
-        assert resp.json()["channel"]["model"] == name
+    for item in listing:
+        snr = {} if item["noiseless"] else {"snr_db": 10}
+        resp = post(testbed, {"codec": "analog", "channel": {"model": item["name"], **snr}})
+        assert resp.status_code == 200, f"{item['name']}: {resp.text}"
+        assert resp.json()["channel"]["model"] == item["name"]
 
 
 def test_bad_fec_and_code_rate_are_rejected_by_name(testbed: Testbed) -> None:

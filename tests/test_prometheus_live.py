@@ -148,14 +148,16 @@ def test_meg_up_prometheus_scrapes_latency_and_bits(meg_up: MegUp) -> None:
     slowest_s = max(o["timings_ms"]["total"] for o in outs) / 1e3
     assert median is not None and 0 < median <= min(b for b in LATENCY_BUCKETS if b >= slowest_s)
 
-    # Bits per request: the count, the sum, and each label set's sum equal what the API returned.
-    wait_for_value(meg_up, 'sum(meg_request_bits_count{service="device"})', n)
-    wait_for_value(meg_up, 'sum(meg_request_bits_sum{service="device"})', sum(o["bits_sent"] for o in outs))
+    # Payload per request (bytes, Prometheus' base unit): count, sum and each label set's sum equal what the
+    # API returned in bits.
+    wait_for_value(meg_up, 'sum(meg_request_payload_bytes_count{service="device"})', n)
+    wait_for_value(meg_up, 'sum(meg_request_payload_bytes_sum{service="device"})',
+                   sum(o["bits_sent"] for o in outs) / 8)
     expected: dict[tuple[str, str, str], float] = defaultdict(float)
     for (codec, channel), out in zip(requests, outs):
-        expected[(codec, channel["model"], snr_bucket(channel["model"], channel.get("snr_db")))] += out["bits_sent"]
+        expected[(codec, channel["model"], snr_bucket(channel.get("snr_db")))] += out["bits_sent"] / 8
     series = {(r["metric"]["codec"], r["metric"]["channel"], r["metric"]["snr_bucket"]): float(r["value"][1])
-              for r in query(meg_up, 'meg_request_bits_sum{service="device"}')}
+              for r in query(meg_up, 'meg_request_payload_bytes_sum{service="device"}')}
     assert series == dict(expected)
 
     # The other two services' series arrive too: one denoise on the edge and one channel pass per request.

@@ -277,7 +277,7 @@ def test_forged_headers_decode_cleanly(name: str) -> None:
 
 def small_chunks() -> mock._patch:  # type: ignore[name-defined]
     """Many small chunks instead of one, so ordering and counting get exercised."""
-    return mock.patch.multiple(wire, CHUNK_BYTES=64, CHUNK_SYMBOLS=32)
+    return mock.patch.multiple(framing, CHUNK_BYTES=64, CHUNK_SYMBOLS=32)
 
 
 def stream_frames(name: str, payload: EncodedPayload, with_reference: bool) -> list[meg_pb2.GenerateResponse]:

@@ -96,3 +96,75 @@ class EdgeGeneration:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class LlmSessionStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Session = channel.stream_stream(
+                '/meg.v1.LlmSession/Session',
+                request_serializer=meg_dot_v1_dot_meg__pb2.SessionUp.SerializeToString,
+                response_deserializer=meg_dot_v1_dot_meg__pb2.SessionDown.FromString,
+                _registered_method=True)
+
+
+class LlmSessionServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Session(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LlmSessionServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=meg_dot_v1_dot_meg__pb2.SessionUp.FromString,
+                    response_serializer=meg_dot_v1_dot_meg__pb2.SessionDown.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meg.v1.LlmSession', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meg.v1.LlmSession', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class LlmSession:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meg.v1.LlmSession/Session',
+            meg_dot_v1_dot_meg__pb2.SessionUp.SerializeToString,
+            meg_dot_v1_dot_meg__pb2.SessionDown.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,25 +1,25 @@
 """The coded digital chain: CRC + 5G LDPC + QAM over the shared channel models, with block erasures.
 
-Why this exists: :func:`channel_sim.channels.transmit_bytes_uncoded` shows what raw QAM does to entropy-coded
+Why this exists: :func:`radio.link.transmit_uncoded` shows what raw QAM does to entropy-coded
 bytes (every bit error corrupts the arithmetic decoder downstream). A real link protects the bytes with
 forward error correction and *detects* what it could not correct, so the receiver sees either correct bytes
 or a known erasure. This module is that link, built from Sionna's standard blocks:
 
     bytes -> code-block segmentation -> CRC (per block) -> 5G NR LDPC encoder (rate-matched, bit-interleaved)
-          -> QAM mapper -> ``WirelessChannel.transmit`` (our channel models: ideal/AWGN/Rayleigh/Rician)
+          -> QAM mapper -> ``ChannelBlock.transmit`` (our channel models: ideal/AWGN/Rayleigh/Rician)
           -> zero-forcing equaliser y/h with per-symbol noise variance N0/|h|^2
           -> soft demapper (LLRs) -> LDPC belief-propagation decoder -> CRC check -> bytes + erasures
 
 Design choices (and why):
 
-* **Our channel, Sionna's coding.** The symbols go through :meth:`WirelessChannel.transmit`, so the emulator,
+* **Our channel, Sionna's coding.** The symbols go through :meth:`ChannelBlock.transmit`, so the emulator,
   this chain and the benchmarks share one set of channel models and one SNR convention
   (N0 = measured mean(|x|^2) / SNR; block fading with receiver CSI).
 * **Zero-forcing, not MMSE.** After y/h the noise is still Gaussian and unbiased, with variance N0/|h|^2 per
   symbol; handing exactly that variance to the APP demapper gives correct LLRs (a deep fade just yields
   LLRs near zero, which the LDPC decoder treats as erasures). MMSE would bias the constellation.
 * **Constellation.** Sionna's own Gray-labelled, unit-power QAM (3GPP 38.211) for mapper and demapper, and
-  unit-power PAM for BPSK. Its bit labels differ from the hard-decision Gray mapping in ``channels.py`` but
+  unit-power PAM for BPSK. Its bit labels differ from the hard-decision Gray mapping in ``radio/modulation.py`` but
   the power normalisation is identical (mean |x|^2 = 1), so SNRs are comparable between coded and uncoded.
 * **Segmentation like 5G (38.212 5.2.2).** A payload is split into C = ceil(bytes / block_bytes) blocks of
   equal size, so one code serves a whole payload and the last block is not a short, weak code. The per-block
@@ -56,7 +56,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from channel_sim.channels import MODULATIONS, WirelessChannel
+from radio.block import ChannelBlock
+from radio.modulation import MODULATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class DigitalChain:
-    """CRC + 5G LDPC + QAM link over a :class:`WirelessChannel`; see the module docstring for the design.
+    """CRC + 5G LDPC + QAM link over a :class:`ChannelBlock`; see the module docstring for the design.
 
     Thread safety: an instance caches Sionna blocks and is not meant to be shared between threads that
     transmit concurrently; create one per worker (the codes are cheap to rebuild).
@@ -316,7 +317,8 @@ class DigitalChain:
 
     # --- the chain ----------------------------------------------------------------------------------------
 
-    def transmit(self, data: bytes, channel: WirelessChannel, rng: np.random.Generator) -> DigitalChainResult:
+    def transmit(self, data: bytes, channel: ChannelBlock, rng: torch.Generator | None = None
+                 ) -> DigitalChainResult:
         """Send ``data`` through ``channel``; return the received bytes (same length), erasures and counters.
 
         Channel impairments never raise: blocks that fail their CRC become erasures. ``rng`` drives only the
@@ -324,7 +326,7 @@ class DigitalChain:
         """
         return self.transmit_many([data], channel, rng)[0]
 
-    def transmit_many(self, payloads: Sequence[bytes], channel: WirelessChannel, rng: np.random.Generator
+    def transmit_many(self, payloads: Sequence[bytes], channel: ChannelBlock, rng: torch.Generator | None = None
                       ) -> list[DigitalChainResult]:
         """Send several independent payloads (one per image, say), each through its own channel realisation.
 
@@ -335,14 +337,14 @@ class DigitalChain:
         """
         items = [bytes(p) for p in payloads]
         segs = [self.segmentation(len(p)) for p in items]
-        if not channel.config.noisy:
+        if channel.noiseless:
             return [DigitalChainResult(p, [], s.symbols, 8 * len(p), s.coded_bits, s.blocks, 0, 0)
                     for p, s in zip(items, segs)]
         with torch.inference_mode():
             return self._transmit_noisy(items, segs, channel, rng)
 
-    def _transmit_noisy(self, items: list[bytes], segs: list[Segmentation], channel: WirelessChannel,
-                        rng: np.random.Generator) -> list[DigitalChainResult]:
+    def _transmit_noisy(self, items: list[bytes], segs: list[Segmentation], channel: ChannelBlock,
+                        rng: torch.Generator | None) -> list[DigitalChainResult]:
         mapper, demapper = self._mapper_demapper()
         # Payloads that share a segmentation share one code, so their blocks can be stacked.
         groups: dict[tuple[int, int, int], list[int]] = {}
@@ -370,13 +372,11 @@ class DigitalChain:
         for i, seg in enumerate(segs):
             if not seg.blocks:
                 continue
-            out = channel.transmit(tx[i].reshape(-1).numpy(), rng)
+            out = channel.transmit(tx[i].reshape(1, -1).to(torch.complex64), rng)
             # Zero-forcing with receiver CSI: y/h has noise variance N0/|h|^2 per symbol.
-            gain2 = np.abs(out.gains) ** 2
-            y = out.received / np.where(gain2 < _MIN_CHANNEL_GAIN2, 1.0, out.gains)
-            no = out.noise_var / np.maximum(gain2, _MIN_CHANNEL_GAIN2)
-            y_eq[i] = torch.from_numpy(y.astype(np.complex64)).reshape(seg.blocks, seg.symbols_per_block)
-            no_eq[i] = torch.from_numpy(no.astype(np.float32)).reshape(seg.blocks, seg.symbols_per_block)
+            y, no = channel.equalize_zf(out, _MIN_CHANNEL_GAIN2)
+            y_eq[i] = y.reshape(seg.blocks, seg.symbols_per_block)
+            no_eq[i] = no.expand_as(y).to(torch.float32).reshape(seg.blocks, seg.symbols_per_block)
 
         # 3. Demap and decode each group in batches of decode_batch blocks.
         decoded: dict[int, np.ndarray] = {}
@@ -414,7 +414,7 @@ class DigitalChain:
                 continue
             results.append(self._assemble(seg, info[i], decoded[i], valid[i], int(pre_fec[i].sum())))
             logger.debug("%s over %s @ %.1f dB: %d B in %d blocks (k=%d n=%d), %d symbols, %d block errors",
-                         self.config.label, channel.name, channel.config.snr_db, seg.nbytes, seg.blocks, seg.k,
+                         self.config.label, channel.name, channel.snr_db, seg.nbytes, seg.blocks, seg.k,
                          seg.n, seg.symbols, results[-1].block_errors)
         return results
 

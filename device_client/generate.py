@@ -1,0 +1,204 @@
+"""``POST /v1/generate`` as the serving contract: validate → run through the link → decode and answer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+import codec
+from device_client.decoders import DecoderBank, DecoderUnavailableError
+from device_client.finisher import SplitFinisher
+from device_client.link import DeviceLink, LinkError
+from device_client.quality import ms_ssim_score, psnr_db
+from device_client.receiver import link_may_have_damaged, receive_features
+from device_client.schemas import GenerateIn, GenerateOut, Timings, channel_spec, codec_problem
+from meg.v1 import meg_pb2
+from radio import ChannelError, ChannelSpec
+from serving.contract import CallContext, RequestError, Status, StreamingApi
+from telemetry.metrics import MegMetrics
+from wire.framing import ReceivedStream
+from wire.payload import CodecError
+
+log = logging.getLogger(__name__)
+CODEC_WEIGHTS = Path(codec.__file__).resolve().parent / "weights"
+
+
+@dataclass
+class GenerateDefaults:
+    steps: int
+    guidance_scale: float
+    codec: str
+    request_timeout_s: float
+    max_in_flight: int
+    max_pixel_steps: int
+
+
+@dataclass
+class GenerateWork:
+    body: GenerateIn
+    request: meg_pb2.GenerateRequest
+    spec: ChannelSpec
+    decoder: str
+    started: float
+    api_key: str | None = None
+
+
+@dataclass
+class Decoded:
+    work: GenerateWork
+    received: ReceivedStream
+    image: torch.Tensor
+    reference: torch.Tensor | None
+    concealed: bool
+    decode_s: float
+
+
+def to_png(image: torch.Tensor) -> bytes:
+    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOut]):
+    """Prompt in, image out: the edge's features cross the link, the device decodes them."""
+
+    service = "device"
+
+    def __init__(self, link: DeviceLink, decoders: DecoderBank, finisher: SplitFinisher, defaults: GenerateDefaults,
+                 metrics: MegMetrics) -> None:
+        self.link = link
+        self.decoders = decoders
+        self.finisher = finisher
+        self.defaults = defaults
+        self.metrics = metrics
+        self.in_flight = 0
+
+    def metric_labels(self, body: GenerateIn) -> tuple[str, str]:
+        return body.codec or self.defaults.codec, body.channel.model
+
+    async def decode_request(self, body: GenerateIn, ctx: CallContext) -> GenerateWork:
+        if self.in_flight >= self.defaults.max_in_flight:
+            raise RequestError(Status.OVERLOADED, f"device has {self.in_flight} requests in flight "
+                               f"(limit {self.defaults.max_in_flight})", retry_after_s=1.0, label="device_overloaded")
+        request = self._grpc_request(body, ctx.request_id)
+        problem = codec_problem(request.codec, body)
+        if request.split_step and request.split_step >= request.steps:
+            problem = f"split_step: must be below steps ({request.steps}), got {request.split_step}"
+        cost = (request.height or 0) * (request.width or 0) * request.steps
+        if cost > self.defaults.max_pixel_steps:
+            problem = (f"steps: {request.height}×{request.width} pixels × {request.steps} steps = {cost} pixel-steps "
+                       f"is over this device's budget of {self.defaults.max_pixel_steps}")
+        if problem:
+            raise RequestError(Status.INVALID, problem)
+        spec = channel_spec(body.channel)
+        try:
+            decoder = self.decoders.resolve(body.decoder, not spec.noiseless)
+        except DecoderUnavailableError as exc:
+            raise RequestError(Status.INVALID, f"decoder: {exc}") from exc
+        return GenerateWork(body, request, spec, decoder, time.perf_counter())
+
+    def _grpc_request(self, body: GenerateIn, request_id: str) -> meg_pb2.GenerateRequest:
+        d = self.defaults
+        request = meg_pb2.GenerateRequest(
+            request_id=request_id, prompt=body.prompt,
+            seed=body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "little"),
+            steps=body.steps or d.steps,
+            guidance_scale=body.guidance_scale if body.guidance_scale is not None else d.guidance_scale,
+            codec=body.codec or d.codec, codec_params=body.codec_params, split_step=body.split_step,
+            reference=body.reference, height=body.height or 0, width=body.width or 0)
+        try:
+            channel_spec(body.channel).to_proto(request.channel)
+        except ChannelError as exc:  # validated by the schema already; kept for callers that bypass it
+            raise RequestError(Status.INVALID, str(exc)) from exc
+        return request
+
+    async def run(self, work: GenerateWork, ctx: CallContext) -> Decoded:
+        self.in_flight += 1
+        try:
+            received = await self.link.generate(work.request, self.defaults.request_timeout_s)
+        except LinkError as exc:
+            raise RequestError(Status.from_http(exc.http_status), exc.reason, exc.retry_after_s, exc.kind) from exc
+        finally:
+            self.in_flight -= 1
+        t_dec = time.perf_counter()
+        try:
+            image, reference, concealed = await asyncio.to_thread(self._decode, received, work.spec, work.decoder)
+        except (DecoderUnavailableError, CodecError, ValueError) as exc:
+            raise RequestError(Status.BAD_STREAM, f"device could not decode the features: {exc}",
+                               label="decode_failed") from exc
+        return Decoded(work, received, image, reference, concealed, time.perf_counter() - t_dec)
+
+    def _decode(self, received: ReceivedStream, spec: ChannelSpec, decoder_kind: str
+                ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Features → image (and the clean reference image when the edge sent reference features)."""
+        header = received.header
+        feature_codec = codec.build_codec(header.codec_id, dict(header.codec_params), CODEC_WEIGHTS)
+        erased = [(r.start, r.end) for r in received.trailer.channel.erased]
+        damaged = link_may_have_damaged(spec, received.payload, erased)
+        reception = receive_features(feature_codec, received.payload, damaged)
+        decoder = self.decoders.get(decoder_kind)
+
+        def to_image(features: dict[str, torch.Tensor]) -> torch.Tensor:
+            if "noisy_latents" in features:
+                latents = self.finisher.finish(features["noisy_latents"], header.prompt, header.split_step,
+                                               header.total_steps, header.guidance_scale)
+            else:
+                latents = features["latents"]
+            return decoder.decode(latents)
+
+        reference = to_image(received.reference) if received.reference else None
+        return to_image(reception.tensors), reference, reception.concealed
+
+    async def encode_response(self, d: Decoded, ctx: CallContext) -> AsyncIterator[tuple[GenerateOut, bytes]]:
+        quality: dict[str, float] = {}
+        if d.reference is not None:
+            quality = {"psnr_db": psnr_db(d.image, d.reference), "ms_ssim": ms_ssim_score(d.image, d.reference)}
+        png = await asyncio.to_thread(to_png, d.image[0])
+        out = self._response(d, quality, ctx)
+        self._observe(d, out, ctx)
+        yield out, png
+
+    def _response(self, d: Decoded, quality: dict[str, float], ctx: CallContext) -> GenerateOut:
+        h, report, req = d.received.header, d.received.trailer.channel, d.work.request
+        total_s = time.perf_counter() - d.work.started
+        image_id = ctx.request_id + os.urandom(8).hex()
+        return GenerateOut(
+            id=image_id, image_url=f"/v1/images/{image_id}.png", width=int(d.image.shape[-1]),
+            height=int(d.image.shape[-2]), codec=h.codec_id, channel=channel_echo(d.work.spec, report),
+            bits_sent=d.received.payload.bits_sent, symbols_sent=int(report.symbols), airtime_ms=report.airtime_ms,
+            timings_ms=Timings(edge=h.timings.queue_ms + h.timings.text_encode_ms + h.timings.denoise_ms,
+                               encode=h.timings.encode_ms, channel=report.channel_ms, decode=1e3 * d.decode_s,
+                               total=1e3 * total_s),
+            quality=quality, model=h.model_id, decoder=d.work.decoder, bit_errors=int(report.bit_errors),
+            concealed=d.concealed, batch_size=h.timings.batch_size, prompt=req.prompt, seed=req.seed,
+            steps=req.steps, guidance_scale=req.guidance_scale)
+
+    def _observe(self, d: Decoded, out: GenerateOut, ctx: CallContext) -> None:
+        labels = self.metrics.labels(out.model, ctx.labels["codec"], d.work.spec.model, d.work.spec.snr_db)
+        if out.quality:
+            self.metrics.image_psnr_db.labels(**labels).observe(out.quality["psnr_db"])
+            self.metrics.image_ms_ssim.labels(**labels).observe(out.quality["ms_ssim"])
+        self.metrics.observe_stage(labels, "decode", d.decode_s)
+        self.metrics.observe_stage(labels, "end_to_end", out.timings_ms.total / 1e3)
+        self.metrics.payload_bytes.labels(**labels).observe(out.bits_sent / 8)
+        self.metrics.request_symbols.labels(**labels).observe(out.symbols_sent)
+        log.info("%s over %s: %d bits, %d symbols, %.1f ms", out.codec, d.work.spec.model, out.bits_sent,
+                 out.symbols_sent, out.timings_ms.total)
+
+
+def channel_echo(spec: ChannelSpec, report: meg_pb2.ChannelReport) -> dict[str, Any]:
+    """The link as it was applied: the request's validated channel with its defaults filled in."""
+    echo = spec.to_mapping()
+    echo["modulation"] = report.modulation or echo.get("modulation")
+    return echo
