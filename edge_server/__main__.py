@@ -29,9 +29,12 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> N
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kind = _TYPES.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=default,
-                            help=f"{f.metadata.get('help', f.name)} (default: {default})")
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata.get('help', f.name)} (default: {default})"
+        if type_name == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_TYPES.get(type_name, str), default=default, help=text)
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[EdgeConfig, str]:
