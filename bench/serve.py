@@ -330,6 +330,7 @@ class OpenLoopConfig:
     max_batch: int = 8
     window_ms: float = 10.0
     seed: int = 0                     # of the arrival times (both policies see the same arrivals)
+    segments: int = 4                 # parts run in ABBA order (see run_open_loop)
     model_dir: Path = field(default_factory=default_model_dir)
     out: Path = RESULTS_DIR
 
@@ -358,9 +359,12 @@ class PolicyTestbed(LocalTestbed):
 
 
 def poisson_arrivals(n: int, rate_rps: float, seed: int) -> list[float]:
-    """Arrival times (s from the start) of ``n`` requests of a Poisson process at ``rate_rps``."""
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate_rps, size=n)
-    return [float(t) for t in np.cumsum(gaps)]
+    """Arrival times (s from the start) of ``n`` requests of a Poisson process at ``rate_rps``, conditioned on
+    ``n`` arrivals in ``n / rate_rps`` seconds: sorted uniform times on that span (an exact property of the
+    Poisson process). Why not cumulated exponential gaps: over 300 arrivals their sum strays by ±6 % (one
+    standard deviation), so the load actually offered would miss the stated one by as much."""
+    times = np.sort(np.random.default_rng(seed).uniform(0.0, n / rate_rps, size=n))
+    return [float(t) for t in times]
 
 
 def open_loop_body(config: OpenLoopConfig, index: int) -> dict[str, Any]:
@@ -368,9 +372,10 @@ def open_loop_body(config: OpenLoopConfig, index: int) -> dict[str, Any]:
             "height": config.size, "width": config.size, "channel": {"model": "ideal"}}
 
 
-async def drive_open_loop(url: str, config: OpenLoopConfig, arrivals: list[float]) -> tuple[list[Outcome], float]:
-    """Send request i at ``arrivals[i]`` s after the start, whatever is still in flight. Latency counts from the
-    scheduled arrival, so a late send (a busy client) is charged to the server rather than hidden."""
+async def drive_open_loop(url: str, config: OpenLoopConfig, arrivals: list[float], first_index: int = 0
+                          ) -> tuple[list[Outcome], float]:
+    """Send request ``first_index + i`` at ``arrivals[i]`` s after the start, whatever is still in flight.
+    Latency counts from the scheduled arrival, so a late send (a busy client) is charged to the server."""
     limits = httpx.Limits(max_connections=len(arrivals), max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=config.timeout_s, limits=limits) as client:
         started = time.perf_counter()
@@ -381,25 +386,42 @@ async def drive_open_loop(url: str, config: OpenLoopConfig, arrivals: list[float
             outcome.latency_s = time.perf_counter() - (started + at)
             return outcome
 
-        outcomes = await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
+        outcomes = await asyncio.gather(*(one(first_index + i, at) for i, at in enumerate(arrivals)))
         wall = time.perf_counter() - started
     return sorted(outcomes, key=lambda o: o.index), wall
 
 
-async def _open_loop_policy(url: str, config: OpenLoopConfig, policy: str, arrivals: list[float]) -> ModeResult:
-    if config.warmup:
-        warm, _ = await drive(url, config.serve_config(config.warmup, config.warmup), config.warmup,
-                              config.warmup, first_index=10_000_000)
-        if any(o.outcome != "ok" for o in warm):
-            log.warning("warm-up (%s): %d of %d failed", policy, sum(o.outcome != "ok" for o in warm), len(warm))
-    log.info("open loop, %s scheduler: %d arrivals at %.3f req/s", policy, len(arrivals),
-             len(arrivals) / arrivals[-1])
-    outcomes, wall = await drive_open_loop(url, config, arrivals)
-    result = summarise(policy, config.edge_args(policy), outcomes, wall, 0)
-    log.info("%s scheduler: mean %.2f s, p50 %.2f s, p95 %.2f s, p99 %.2f s, %d errors, %d lost, mean batch %.2f",
-             policy, result.latency_mean_s, result.latency_p50_s, result.latency_p95_s, result.latency_p99_s,
-             result.errors, result.lost, result.mean_batch_size)
-    return result
+async def _warm_up(url: str, config: OpenLoopConfig, policy: str) -> None:
+    warm, _ = await drive(url, config.serve_config(config.warmup, config.warmup), config.warmup, config.warmup,
+                          first_index=10_000_000)
+    if any(o.outcome != "ok" for o in warm):
+        log.warning("warm-up (%s): %d of %d failed", policy, sum(o.outcome != "ok" for o in warm), len(warm))
+
+
+def segments(arrivals: list[float], count: int) -> list[tuple[int, list[float]]]:
+    """``arrivals`` cut into ``count`` consecutive parts: (index of the first, times from the part's start)."""
+    bounds = np.linspace(0, len(arrivals), count + 1).round().astype(int)
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        origin = arrivals[lo - 1] if lo else 0.0
+        parts.append((int(lo), [t - origin for t in arrivals[lo:hi]]))
+    return parts
+
+
+@dataclass
+class SegmentRun:
+    policy: str
+    segment: int
+    first_index: int
+    arrivals: int
+    wall_s: float
+    mean_latency_s: float
+    load_average_before: list[float] | None
+    load_average_after: list[float] | None
+
+
+def _load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 @dataclass
@@ -408,6 +430,7 @@ class OpenLoopReport:
     capacity: ModeResult | None       # the request-level closed loop the rate derives from
     rate_rps: float
     results: list[ModeResult]
+    runs: list[SegmentRun] = field(default_factory=list)
 
     def by_policy(self, policy: str) -> ModeResult:
         return next(r for r in self.results if r.mode == policy)
@@ -420,21 +443,39 @@ class OpenLoopReport:
 
 
 def run_open_loop(config: OpenLoopConfig) -> OpenLoopReport:
-    """Capacity (unless a rate is given), then the same Poisson arrivals against each policy's own testbed."""
+    """Capacity (unless a rate is given), then the same Poisson arrivals against both policies.
+
+    Both testbeds stay up and only one is driven at a time. The arrivals are cut into ``config.segments`` parts
+    run in ABBA order (request, step, step, request, ...), so drift in the load of a shared machine hits both
+    policies alike instead of whichever ran second; each part starts from an idle server.
+    """
     capacity: ModeResult | None = None
-    results: list[ModeResult] = []
-    rate = config.rate_rps
-    for policy in POLICIES:
-        with PolicyTestbed(config.model_dir, edge_args=config.edge_args(policy)) as bed:
-            if rate is None:
-                closed = config.serve_config(config.capacity_requests, config.capacity_concurrency)
-                capacity = asyncio.run(measure(bed.url, closed, f"capacity ({policy})", config.edge_args(policy)))
-                rate = config.load * capacity.throughput_rps
-                log.info("capacity %.3f req/s: arrivals at %.3f req/s", capacity.throughput_rps, rate)
-            arrivals = poisson_arrivals(config.requests, rate, config.seed)
-            results.append(asyncio.run(_open_loop_policy(bed.url, config, policy, arrivals)))
-    assert rate is not None
-    return OpenLoopReport(config, capacity, rate, results)
+    with PolicyTestbed(config.model_dir, edge_args=config.edge_args("request")) as request_bed, \
+            PolicyTestbed(config.model_dir, edge_args=config.edge_args("step")) as step_bed:
+        beds = {"request": request_bed, "step": step_bed}
+        rate = config.rate_rps
+        if rate is None:
+            closed = config.serve_config(config.capacity_requests, config.capacity_concurrency)
+            capacity = asyncio.run(measure(request_bed.url, closed, "capacity (request)", config.edge_args("request")))
+            rate = config.load * capacity.throughput_rps
+            log.info("capacity %.3f req/s: arrivals at %.3f req/s", capacity.throughput_rps, rate)
+        for policy, bed in beds.items():
+            if config.warmup:
+                asyncio.run(_warm_up(bed.url, config, policy))
+        outcomes: dict[str, list[Outcome]] = {p: [] for p in POLICIES}
+        runs: list[SegmentRun] = []
+        for k, (first, times) in enumerate(segments(poisson_arrivals(config.requests, rate, config.seed),
+                                                    config.segments)):
+            for policy in (POLICIES if k % 2 == 0 else POLICIES[::-1]):
+                before = _load_average()
+                got, wall = asyncio.run(drive_open_loop(beds[policy].url, config, times, first))
+                outcomes[policy] += got
+                mean = float(np.mean([o.latency_s for o in got if o.outcome == "ok"] or [np.nan]))
+                runs.append(SegmentRun(policy, k, first, len(times), wall, mean, before, _load_average()))
+                log.info("segment %d, %s scheduler: %d arrivals, mean %.2f s", k, policy, len(times), mean)
+    results = [summarise(p, config.edge_args(p), outcomes[p], sum(r.wall_s for r in runs if r.policy == p), 0)
+               for p in POLICIES]
+    return OpenLoopReport(config, capacity, rate, results, runs)
 
 
 def write_open_loop_outputs(report: OpenLoopReport, env: dict[str, Any]) -> dict[str, Any]:
@@ -452,12 +493,13 @@ def write_open_loop_outputs(report: OpenLoopReport, env: dict[str, Any]) -> dict
     ratio = report.mean_ratio
     config_json = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(report.config).items()}
     summary = {"config": config_json, "environment": env, "arrival_rate_rps": report.rate_rps,
+               "arrivals_span_s": report.config.requests / report.rate_rps,
                "capacity": asdict(report.capacity) if report.capacity else None,
                "capacity_rps": report.capacity.throughput_rps if report.capacity else None,
                "mean_latency_ratio_step_request": ratio, "goal_ratio": OPEN_LOOP_GOAL,
                "goal_met": (ratio <= OPEN_LOOP_GOAL and all(r.lost == 0 for r in report.results))
                if ratio is not None else None,
-               "policies": [asdict(r) for r in report.results]}
+               "policies": [asdict(r) for r in report.results], "segments": [asdict(r) for r in report.runs]}
     (out / "serve_open_loop.json").write_text(json.dumps(_finite(summary), indent=1, allow_nan=False) + "\n")
     plot_open_loop(report, out / "serve_open_loop.png")
     (out / "serve_open_loop.md").write_text(open_loop_markdown(report, env))
@@ -502,8 +544,9 @@ def open_loop_markdown(report: OpenLoopReport, env: dict[str, Any]) -> str:
     lines = ["# Serving benchmark, open loop (`meg bench serve --open-loop`)", "",
              f"{c.requests} Poisson arrivals per policy at **{report.rate_rps:.3f} req/s** ({source}); "
              f"{c.size}×{c.size}, {c.steps} steps, codec `{c.codec}`, ideal channel, edge batch ≤ {c.max_batch}, "
-             f"the same arrival times for both policies, a fresh local testbed per policy (embedded "
-             f"`{c.model_dir.name}`). Latency counts from the scheduled arrival.",
+             f"the same arrival times for both policies, each on its own local testbed (embedded "
+             f"`{c.model_dir.name}`), driven in {c.segments} segments in ABBA order so that load drift on the shared "
+             "machine hits both alike. Latency counts from the scheduled arrival.",
              f"Machine: {env['cpus']} CPUs, torch {env['torch']}, load average at start "
              f"{', '.join(f'{x:.1f}' for x in env['load_average'] or [])}.", "",
              "| scheduler | ok | errors | lost | mean (s) | p50 (s) | p95 (s) | p99 (s) | max (s) | mean batch |",
@@ -522,8 +565,19 @@ def open_loop_markdown(report: OpenLoopReport, env: dict[str, Any]) -> str:
         for title, kinds in (("errors", r.errors_by_kind), ("lost", r.lost_by_kind)):
             if kinds:
                 lines += ["", f"{title} ({r.mode}): " + "; ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))]
-    lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *segment_table(report.runs), ""])
+
+
+def segment_table(runs: list[SegmentRun]) -> list[str]:
+    def load(values: list[float] | None) -> str:
+        return f"{values[0]:.1f}" if values else "-"
+
+    lines = ["| segment | scheduler | arrivals | mean latency (s) | 1-min load average before → after |",
+             "|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r.segment} | {r.policy} | {r.arrivals} | {r.mean_latency_s:.2f} | "
+                     f"{load(r.load_average_before)} → {load(r.load_average_after)} |")
+    return lines
 
 
 def open_loop_main(argv: list[str] | None = None) -> int:
@@ -538,6 +592,7 @@ def open_loop_main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="default 20; --quick 4")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="of the arrival times")
+    p.add_argument("--segments", type=int, default=None, help="parts run in ABBA order (default 4; --quick 2)")
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--quick", action="store_true", help="a smoke test: 12 arrivals, 4 steps")
@@ -549,7 +604,7 @@ def open_loop_main(argv: list[str] | None = None) -> int:
         requests=args.requests or (12 if q else 300), load=args.load, rate_rps=args.rate,
         capacity_requests=args.capacity_requests or (16 if q else 160),
         capacity_concurrency=args.capacity_concurrency or (4 if q else 32), steps=args.steps or (4 if q else 20),
-        warmup=2 if q else 8, max_batch=args.max_batch, seed=args.seed,
+        warmup=2 if q else 8, max_batch=args.max_batch, seed=args.seed, segments=args.segments or (2 if q else 4),
         model_dir=args.model_dir or default_model_dir(), out=args.out)
     env = environment()
     summary = write_open_loop_outputs(run_open_loop(config), env)
