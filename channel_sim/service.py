@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meg.v1 import meg_pb2, meg_pb2_grpc
@@ -109,6 +110,7 @@ async def _upstream_error(call: grpc.aio.UnaryStreamCall, exc: grpc.aio.AioRpcEr
 class LinkWork:
     request: meg_pb2.GenerateRequest
     spec: ChannelSpec
+    probe_pilots: int = 0
 
 
 @dataclass
@@ -143,6 +145,8 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
         return LinkWork(request, spec)
 
     async def run(self, work: LinkWork, ctx: CallContext) -> Delivery:
+        generator = generator_for(work.spec.link.seed)
+        work.probe_pilots = await self._feed_back_csi(work, generator)
         remaining = ctx.time_remaining()
         timeout = min(remaining, MAX_UPSTREAM_S) if remaining else MAX_UPSTREAM_S
         try:
@@ -153,8 +157,22 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
         ctx.labels["codec"] = received.header.codec_id
         started = time.perf_counter()
         link = await asyncio.get_running_loop().run_in_executor(
-            None, self.link.send, work.spec, received.payload, generator_for(work.spec.link.seed))
+            None, self.link.send, work.spec, received.payload, generator)
+        link.symbols += work.probe_pilots
+        link.pilot_symbols += work.probe_pilots
         return Delivery(work, received, link, started)
+
+    async def _feed_back_csi(self, work: LinkWork, generator: torch.Generator) -> int:
+        """Measure the link as its receiver would and hand the estimate to the edge with the request, after
+        the link's feedback delay (a transmitter never knows the true SNR). Returns the pilots spent."""
+        snr_db, pilots = self.link.probe(work.spec, generator)
+        if snr_db is None:
+            return 0
+        delay_ms = work.spec.link.feedback_delay_ms
+        work.request.csi.CopyFrom(meg_pb2.ChannelStateInfo(snr_estimate_db=snr_db, pilot_symbols=pilots,
+                                                           age_ms=delay_ms))
+        await asyncio.sleep(delay_ms / 1000.0)
+        return pilots
 
     async def encode_response(self, d: Delivery, ctx: CallContext) -> AsyncIterator[meg_pb2.GenerateResponse]:
         yield meg_pb2.GenerateResponse(header=d.received.header)  # the control channel, uncorrupted
@@ -183,7 +201,7 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
             bandwidth_hz=spec.link.bandwidth_hz, delay_ms=spec.link.delay_ms, symbols=link.symbols,
             airtime_ms=1e3 * airtime_s, bit_errors=link.bit_errors, bits=link.bits,
             modulation=spec.link.modulation if digital else "analog", channel_ms=1e3 * channel_s,
-            erased=[meg_pb2.ByteRange(start=a, end=b) for a, b in link.erased])
+            erased=[meg_pb2.ByteRange(start=a, end=b) for a, b in link.erased], pilot_symbols=link.pilot_symbols)
 
     def _observe(self, d: Delivery, ctx: CallContext, airtime_s: float, channel_s: float) -> None:
         spec, link = d.work.spec, d.link

@@ -156,9 +156,12 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
         problem = validate_request(request)
         if problem:
             raise RequestError(Status.INVALID, problem)
-        snr = request.channel.params.get("snr_db") if link_is_noisy(request.channel.model) else None
+        # What the transmitter knows of the link: the receiver's estimate fed back by the channel emulator (a
+        # request that did not cross the emulator falls back to the requested SNR).
+        requested = request.channel.params.get("snr_db") if link_is_noisy(request.channel.model) else None
+        snr = request.csi.snr_estimate_db if request.HasField("csi") else requested
         codec_label, chan_label = self.metric_labels(request)
-        ctx.labels = self.metrics.labels(self.backend.model_id, codec_label, chan_label, snr)
+        ctx.labels = self.metrics.labels(self.backend.model_id, codec_label, chan_label, requested)
         try:
             shape = self.backend.latent_shape(request.height, request.width)
             params = dict(request.codec_params)
