@@ -75,7 +75,7 @@ CRC_LENGTHS: dict[str, int] = {"CRC24A": 24, "CRC24B": 24, "CRC24C": 24, "CRC16"
 STANDARD_RATES: tuple[Fraction, ...] = (Fraction(1, 2), Fraction(2, 3), Fraction(3, 4), Fraction(5, 6))
 
 _LDPC_MAX_K = 8448          # 5G NR LDPC base graph 1 maximum information length
-_MIN_RATE = 0.2             # below this 5G needs repetition, which Sionna does not implement
+_MIN_RATE = Fraction(1, 5)   # below this 5G needs repetition, which Sionna does not implement
 _MAX_RATE = 948 / 1024      # highest rate 38.212 allows after rate matching
 _MIN_CHANNEL_GAIN2 = 1e-12  # floor on |h|^2 for zero-forcing, so N0/|h|^2 stays finite in float32
 

@@ -13,6 +13,7 @@ request.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -100,6 +101,26 @@ class _PilotReceiver:
         return result
 
 
+@dataclass
+class UplinkResult:
+    """One control block sent up: what arrived, what it cost, how many tries it took."""
+
+    data: bytes | None               # None when every attempt failed its CRC
+    symbols: int
+    attempts: int
+
+    def airtime_s(self, spec: ChannelSpec) -> float:
+        return self.symbols / spec.link.bandwidth_hz
+
+
+#: The uplink's own MCS: a few bytes (a token id) protected by CRC + LDPC at the lowest 5G rate, padded to
+#: 4-byte granules only (a data chain pads to 16), so a token costs 140 QPSK symbols and survives ~0 dB.
+UPLINK_MODULATION = "qpsk"
+UPLINK_CODE_RATE = 0.2
+UPLINK_GRANULE_BYTES = 4
+UPLINK_MAX_ATTEMPTS = 16
+
+
 def _bit_errors(sent: bytes, received: bytes) -> int:
     diff = np.frombuffer(sent, np.uint8) ^ np.frombuffer(received, np.uint8)
     return int(np.unpackbits(diff).sum())
@@ -110,7 +131,7 @@ class Link:
 
     def __init__(self, decode_batch: int = 32) -> None:
         self.decode_batch = decode_batch
-        self._chains: dict[tuple[str, Fraction], tuple[object, threading.Lock]] = {}
+        self._chains: dict[tuple[str, Fraction, int], tuple[object, threading.Lock]] = {}
         self._lock = threading.Lock()
 
     def check(self, spec: ChannelSpec) -> None:
@@ -123,13 +144,14 @@ class Link:
             except ValueError as exc:
                 raise ChannelError(f"channel.{exc}") from exc
 
-    def _chain(self, spec: ChannelSpec) -> tuple[object, threading.Lock]:
+    def _chain(self, spec: ChannelSpec, granule_bytes: int = 16) -> tuple[object, threading.Lock]:
         from radio.digital import DigitalChain, DigitalChainConfig, parse_rate
 
-        key = (spec.link.modulation, parse_rate(spec.link.ldpc_rate))
+        key = (spec.link.modulation, parse_rate(spec.link.ldpc_rate), granule_bytes)
         with self._lock:
             if key not in self._chains:
-                config = DigitalChainConfig(modulation=key[0], code_rate=key[1], decode_batch=self.decode_batch)
+                config = DigitalChainConfig(modulation=key[0], code_rate=key[1], decode_batch=self.decode_batch,
+                                            granule_bytes=granule_bytes)
                 self._chains[key] = (DigitalChain(config), threading.Lock())
             return self._chains[key]
 
@@ -157,10 +179,10 @@ class Link:
         return receiver.account(LinkResult(out, symbols, 8 * len(payload.data), errors))
 
     def send_digital_many(self, spec: ChannelSpec, payloads: Sequence[EncodedPayload],
-                          generator: torch.Generator | None = None) -> list[LinkResult]:
+                          generator: torch.Generator | None = None, granule_bytes: int = 16) -> list[LinkResult]:
         """Several digital payloads over the LDPC chain, each its own channel realisation, code blocks decoded
         in shared batches (equivalent to :meth:`send` on each in order with the same generator)."""
-        chain, lock = self._chain(spec)
+        chain, lock = self._chain(spec, granule_bytes)
         block = spec.block()
         receiver = _PilotReceiver(block, spec, generator)
         with lock:  # a chain caches Sionna blocks and is not safe for concurrent use
@@ -172,6 +194,21 @@ class Link:
                                                    _bit_errors(payload.data, res.data), list(res.erased)),
                                         share=1.0 / len(payloads)))
         return out
+
+    def send_control(self, spec: ChannelSpec, data: bytes, generator: torch.Generator | None = None,
+                     max_attempts: int = UPLINK_MAX_ATTEMPTS) -> UplinkResult:
+        """A small protected block (e.g. a sampled token id going up) over the request's channel at the
+        uplink's own robust MCS, retransmitted until its CRC passes; every attempt costs channel uses."""
+        uplink = ChannelSpec(spec.model, spec.params, dataclasses.replace(
+            spec.link, modulation=UPLINK_MODULATION, fec="ldpc", code_rate=UPLINK_CODE_RATE))
+        payload = EncodedPayload("digital", [], {}, data=data)
+        symbols = 0
+        for attempt in range(1, max_attempts + 1):
+            (result,) = self.send_digital_many(uplink, [payload], generator, UPLINK_GRANULE_BYTES)
+            symbols += result.symbols
+            if not result.erased:
+                return UplinkResult(result.payload.data, symbols, attempt)
+        return UplinkResult(None, symbols, max_attempts)
 
     def probe(self, spec: ChannelSpec, generator: torch.Generator | None = None) -> tuple[float | None, int]:
         """What the receiver can feed back before a transmission: (SNR estimate in dB, pilot symbols spent).

@@ -186,3 +186,17 @@ def test_estimated_csi_costs_pilots_and_is_close_to_the_truth(model: str) -> Non
         else:
             assert all(r.pilot_symbols == 0 and r.snr_estimate_db == 10.0 for r in runs)
     assert errors["estimated"] >= 0.95 * errors["perfect"]
+
+
+def test_control_uplink_retransmits_until_its_crc_passes() -> None:
+    link = Link()
+    token = (31999).to_bytes(4, "little")
+    clean = link.send_control(ChannelSpec.create("awgn", snr_db=10.0), token, torch.Generator().manual_seed(0))
+    assert clean.data == token and clean.attempts == 1
+    hard = [link.send_control(ChannelSpec.create("awgn", snr_db=-3.0), token, torch.Generator().manual_seed(i))
+            for i in range(10)]
+    assert all(r.data == token for r in hard) and any(r.attempts > 1 for r in hard)
+    assert all(r.symbols == r.attempts * clean.symbols for r in hard)  # every attempt costs channel uses
+    lost = link.send_control(ChannelSpec.create("awgn", snr_db=-15.0), token, torch.Generator().manual_seed(0),
+                             max_attempts=3)
+    assert lost.data is None and lost.attempts == 3
