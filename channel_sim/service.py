@@ -27,7 +27,10 @@ from meg.v1 import meg_pb2, meg_pb2_grpc
 from radio import ChannelError, ChannelSpec, channel_names
 from radio.link import Link, LinkResult, generator_for
 from serving.contract import CallContext, RequestError, Status, StreamingApi
-from serving.grpc_service import NOT_SERVING, SERVING, GrpcServerConfig, add_streaming_api, run_grpc_service
+from channel_sim.llm_session import SESSION_SERVICE, LlmSessionProxy
+from serving.grpc_service import (
+    NOT_SERVING, SERVING, GrpcServerConfig, add_session_api, add_streaming_api, run_grpc_service,
+)
 from telemetry.metrics import MegMetrics, shannon_capacity_bits_per_symbol
 from wire import framing
 
@@ -63,6 +66,10 @@ class EdgeUpstream:
                          else grpc.aio.insecure_channel(target, options=options))
         self._stub = meg_pb2_grpc.EdgeGenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._channel
 
     async def serving(self) -> bool:
         try:
@@ -266,9 +273,15 @@ async def serve(config: ChannelServiceConfig, ready: asyncio.Event | None = None
     # Under mutual TLS only the device may call the emulator (and only the emulator may call the edge).
     peers = ("device",) if credentials is not None else ()
     log.info("channel emulator → edge %s", config.edge)
+    sessions = LlmSessionProxy(upstream.channel, api.link, metrics)
+
+    def register(server: grpc.aio.Server) -> None:
+        add_streaming_api(server, api, metrics, SERVICE_NAME, "Generate", meg_pb2.GenerateRequest,
+                          meg_pb2.GenerateResponse, allowed_peers=peers)
+        add_session_api(server, "channel", sessions.handle, metrics, SESSION_SERVICE, "Session", meg_pb2.SessionUp,
+                        meg_pb2.SessionDown, allowed_peers=peers)
+
     await run_grpc_service(
-        server_config,
-        lambda server: add_streaming_api(server, api, metrics, SERVICE_NAME, "Generate", meg_pb2.GenerateRequest,
-                                         meg_pb2.GenerateResponse, allowed_peers=peers),
+        server_config, register,
         metrics, credentials=credentials, health_status={SERVICE_NAME: NOT_SERVING},
         background=[_watch_upstream(upstream), _warm_up], on_stop=upstream.close, ready=ready)
