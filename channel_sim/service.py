@@ -15,7 +15,7 @@ import logging
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
@@ -45,11 +45,11 @@ MAX_RECONNECT_BACKOFF_MS = 5000
 
 @dataclass
 class ChannelServiceConfig:
-    host: str = "127.0.0.1"
-    port: int = 50052
-    metrics_port: int = 9102
-    edge: str = "127.0.0.1:50051"
-    grace_s: float = 10.0
+    host: str = field(default="127.0.0.1", metadata={"help": "address the gRPC proxy binds"})
+    port: int = field(default=50052, metadata={"help": "gRPC port"})
+    metrics_port: int = field(default=9102, metadata={"help": "Prometheus metrics port (0 disables)"})
+    edge: str = field(default="127.0.0.1:50051", metadata={"help": "edge address host:port"})
+    grace_s: float = field(default=10.0, metadata={"help": "seconds to drain requests in flight on shutdown"})
 
 
 def config_from_spec(spec: meg_pb2.ChannelSpec) -> ChannelConfig:

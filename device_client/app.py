@@ -46,20 +46,22 @@ def default_model_dir() -> Path:
 
 @dataclass
 class DeviceConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    channel: str = "127.0.0.1:50052"
-    model_dir: Path = field(default_factory=default_model_dir)
-    device: str = "cpu"
-    request_timeout_s: float = 120.0
-    max_in_flight: int = 64
-    max_images: int = 512
-    max_body_bytes: int = 64 * 1024
-    default_steps: int = 20
-    default_guidance: float = 4.0
-    default_codec: str = "raw-fp16"
-    api_keys: tuple[str, ...] = ()
-    tls_dir: Path | None = None     # mutual TLS towards the channel emulator (`meg certs`)
+    host: str = field(default="127.0.0.1", metadata={"help": "address the REST API binds"})
+    port: int = field(default=8000, metadata={"help": "REST port"})
+    channel: str = field(default="127.0.0.1:50052", metadata={"help": "channel emulator address host:port"})
+    model_dir: Path = field(default_factory=default_model_dir,
+                            metadata={"help": "model folder with the decoders (default: the embedded models/shapes_v1)"})
+    device: str = field(default="cpu", metadata={"help": "torch device of the decoders, e.g. cpu or cuda"})
+    request_timeout_s: float = field(default=120.0, metadata={"help": "deadline of one request upstream (s)"})
+    max_in_flight: int = field(default=64, metadata={"help": "requests in flight beyond which new ones get 503"})
+    max_images: int = field(default=512, metadata={"help": "generated images kept for GET /v1/images"})
+    max_body_bytes: int = field(default=64 * 1024, metadata={"help": "largest REST request body (bytes)"})
+    default_steps: int = field(default=20, metadata={"help": "denoising steps of a request that sets none"})
+    default_guidance: float = field(default=4.0, metadata={"help": "guidance scale of a request that sets none"})
+    default_codec: str = field(default="raw-fp16", metadata={"help": "codec of a request that names none"})
+    api_keys: tuple[str, ...] = field(default=(), metadata={"help": "REST API keys (from MEG_API_KEY only)"})
+    tls_dir: Path | None = field(default=None, metadata={
+        "help": "mutual TLS towards the channel emulator (certificates from `meg certs`)"})
 
     @staticmethod
     def keys_from_env() -> tuple[str, ...]:

@@ -52,10 +52,11 @@ def default_cpu_threads() -> int:
 
 @dataclass
 class EngineConfig:
-    max_batch: int = 8
-    window_ms: float = 10.0
-    max_queue: int = 64
-    cpu_threads: int = 0              # torch intra-op threads when computing on the CPU; 0: default_cpu_threads()
+    max_batch: int = field(default=8, metadata={"help": "largest denoising batch (1 disables batching)"})
+    window_ms: float = field(default=10.0, metadata={"help": "how long a batch waits for more requests (ms)"})
+    max_queue: int = field(default=64, metadata={"help": "requests waiting beyond which new ones are refused"})
+    cpu_threads: int = field(default=0, metadata={  # 0: default_cpu_threads()
+        "help": "torch threads for CPU compute (0: one fewer than the cores, at least 1)"})
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

@@ -43,14 +43,15 @@ def default_model_dir() -> Path:
 
 @dataclass
 class EdgeConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9101          # 0: no metrics endpoint
-    model_dir: Path = field(default_factory=default_model_dir)
-    device: str = "cpu"
-    dtype: str = "float32"
+    host: str = field(default="127.0.0.1", metadata={"help": "address the gRPC server binds"})
+    port: int = field(default=50051, metadata={"help": "gRPC port"})
+    metrics_port: int = field(default=9101, metadata={"help": "Prometheus metrics port (0 disables)"})
+    model_dir: Path = field(default_factory=default_model_dir,
+                            metadata={"help": "diffusers model folder (default: the embedded models/shapes_v1)"})
+    device: str = field(default="cpu", metadata={"help": "torch device of the model, e.g. cpu or cuda"})
+    dtype: str = field(default="float32", metadata={"help": "compute dtype: float32, float16 or bfloat16"})
     engine: EngineConfig = field(default_factory=EngineConfig)
-    grace_s: float = 10.0
+    grace_s: float = field(default=10.0, metadata={"help": "seconds to drain requests in flight on shutdown"})
 
     def torch_dtype(self) -> torch.dtype:
         try:
