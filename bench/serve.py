@@ -1,6 +1,6 @@
 """Serving benchmark: a closed-loop load generator against ``POST /v1/generate``, edge batching on vs off.
 
-``meg bench serve`` (or ``python -m bench.serve``) keeps ``--concurrency`` requests in flight until
+``meg bench serve`` keeps ``--concurrency`` requests in flight until
 ``--requests`` have been answered, through the whole testbed (device REST → channel emulator → edge), and
 reports
 
@@ -17,7 +17,6 @@ By default it starts its own testbed per mode (three subprocesses on free loopba
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import itertools
@@ -304,20 +303,10 @@ def markdown(config: ServeConfig, results: list[ModeResult], ratio: float | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="meg bench serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default=None, help="drive a running testbed's device (default: start one per mode)")
-    p.add_argument("--requests", type=int, default=None, help="requests per mode (default 200; --quick 16)")
-    p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 32; --quick 4)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per request (default 20; --quick 4)")
-    p.add_argument("--codec", default="raw-fp16")
-    p.add_argument("--max-batch", type=int, default=8, help="edge --max-batch with batching on")
-    p.add_argument("--batch-window-ms", type=float, default=10.0, help="edge --batch-window-ms with batching on")
-    p.add_argument("--warmup", type=int, default=None, help="uncounted warm-up requests per mode (default 8)")
-    p.add_argument("--timeout-s", type=float, default=600.0, help="client timeout per request")
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--quick", action="store_true", help="16 requests at concurrency 4, 4 steps (a smoke test)")
-    args = p.parse_args(argv)
+    """``meg bench serve [--quick] [--url URL] [--out DIR]`` (arguments: :func:`bench.cli.build_parser`)."""
+    from bench.cli import parse
+
+    args = parse("serve", argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     quick = args.quick
