@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, str] = {
     "rate": "rate-quality curves and BD-rate of the learned coders with and without transforms",
     "serve": "load generator on the REST API: throughput, latency percentiles, batching on vs off",
     "overhead": "one request through the testbed vs the same model in one process",
+    "soak": "a bounded soak of `meg up` with injected faults: lost requests, recovery times, RSS growth",
+    "link": "per-request LDPC time in the channel emulator, chain built per request vs reused",
 }
 
 
@@ -101,7 +103,27 @@ def _overhead() -> argparse.ArgumentParser:
     return p
 
 
-_PARSERS = {"snr": _snr, "rate": _rate, "serve": _serve, "overhead": _overhead}
+def _soak() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meg bench soak", description=BENCHMARKS["soak"])
+    p.add_argument("--minutes", type=float, default=20.0, help="soak length after the warm-up (default 20)")
+    p.add_argument("--concurrency", type=int, default=2, help="requests in flight (default 2: moderate load)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps per request")
+    p.add_argument("--warmup-s", type=float, default=30.0, help="seconds before faults and RSS baselines")
+    p.add_argument("--model-dir", type=Path, default=None)
+    _out(p)
+    p.add_argument("--quick", action="store_true", help="a 1.5-minute soak (results under bench/results/_tmp)")
+    return p
+
+
+def _link() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meg bench link", description=BENCHMARKS["link"])
+    p.add_argument("--repeats", type=int, default=20)
+    _out(p)
+    p.add_argument("--quick", action="store_true", help="5 repeats")
+    return p
+
+
+_PARSERS = {"snr": _snr, "rate": _rate, "serve": _serve, "overhead": _overhead, "soak": _soak, "link": _link}
 
 
 def build_parser(which: str) -> argparse.ArgumentParser:
