@@ -41,6 +41,8 @@ PROMPTS = ("a red circle on a white background", "a blue square on a black backg
            "a green triangle on a yellow background")
 GOAL_RSS_GROWTH = 0.05
 SPIKE_S = 20.0
+#: What the device's 503 answers say while a service restarts (Retry-After).
+RETRY_AFTER_S = 2.0
 
 
 @dataclass
@@ -179,8 +181,11 @@ class SoakRun:
     async def load(self, client: httpx.AsyncClient, worker: int, end_s: float) -> None:
         i = worker
         while self.now() < end_s:
-            self.seen.append(await soak_request(client, self.body(i), self.t0))
+            seen = await soak_request(client, self.body(i), self.t0)
+            self.seen.append(seen)
             i += self.config.concurrency
+            if seen.kind.startswith("503"):
+                await asyncio.sleep(RETRY_AFTER_S)  # a well-behaved client honours Retry-After
 
     async def sample_rss(self, end_s: float) -> None:
         assert self.up is not None
