@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.meg-installed
 PYTEST_ARGS ?=
 
-.PHONY: up test venv proto bench-quick bench clean
+.PHONY: up test test-tools venv proto bench-quick bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,7 +21,12 @@ venv: $(STAMP)
 up: venv
 	$(VENV)/bin/meg up
 
-test: venv
+# The system tools some tests drive (Chromium, promtool, docker-compose): one list, .ci/test-packages.txt,
+# installed when missing (as root), so no test skips or fails for a missing tool on a fresh machine.
+test-tools:
+	.ci/install-test-tools
+
+test: venv test-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 proto: venv

@@ -6,7 +6,6 @@ Writes ``link.{json,md}`` into ``--out``. Median of ``--repeats`` requests, one 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -46,10 +45,12 @@ def measure(repeats: int, payload_bytes: int = 700) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="meg bench link", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
+    """``meg bench link [--repeats N] [--quick] [--out DIR]`` (arguments: :func:`bench.cli.build_parser`)."""
+    from bench.cli import parse
+
+    args = parse("link", argv)
+    if args.quick:
+        args.repeats = 5
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)
     result = measure(args.repeats)

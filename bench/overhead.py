@@ -1,6 +1,6 @@
 """Testbed overhead: one request end to end through the three services vs the same model in one process.
 
-``meg bench overhead`` (or ``python -m bench.overhead``) times
+``meg bench overhead`` times
 
 * **testbed**: ``POST /v1/generate`` on an otherwise idle testbed (device REST → gRPC → channel emulator →
   gRPC → edge queue → text encoder + denoiser → codec → back → device decoder → PNG), on an ideal channel
@@ -18,7 +18,6 @@ separates them). Writes ``overhead.csv``, ``overhead.json``, ``overhead.md`` and
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -231,18 +230,10 @@ def environment() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="meg bench overhead", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default=None, help="a running testbed's device (default: start one)")
-    p.add_argument("--repetitions", type=int, default=None, help="measured runs per path (default 20; --quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="uncounted runs per path first (default 3; --quick 1)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; --quick 4)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--codec", default="raw-fp16")
-    p.add_argument("--decoder", default="tiny", choices=["tiny", "robust", "vae"])
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--quick", action="store_true", help="3 repetitions of 4 steps (a smoke test)")
-    args = p.parse_args(argv)
+    """``meg bench overhead [--quick] [--url URL] [--out DIR]`` (arguments: :func:`bench.cli.build_parser`)."""
+    from bench.cli import parse
+
+    args = parse("overhead", argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     quick = args.quick

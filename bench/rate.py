@@ -1,6 +1,6 @@
 """Rate benchmark: rate-quality curves of the learned source coders, with and without distribution transforms.
 
-``python -m bench.rate [--quick]`` codes held-out latents of the embedded model one request (one image) at a
+``meg bench rate [--quick]`` codes held-out latents of the embedded model one request (one image) at a
 time with every trained coder at every quality, through the real codec pipeline (header, CRC and all), and
 reports
 
@@ -11,12 +11,11 @@ reports
 * BD-rate (Bjontegaard) of DT-UFC against no transform for every coder family, and of the FCM baseline,
   whatever its sign: negative means the transform saves rate at equal PSNR.
 
-Writes ``rate.csv``, ``rate.png`` and ``rate.md`` into the output folder (default ``bench/results``).
+Writes ``rate.csv``, ``rate.png`` and ``rate.md`` into the output folder (``bench/results`` for a full run, ``bench/results/_tmp/quick`` with ``--quick``).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -284,19 +283,10 @@ def run(quick: bool, out_dir: Path = RESULTS_DIR, *, n_images: int | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.rate [--quick | --smoke] [--out DIR]``."""
-    p = argparse.ArgumentParser(prog="python -m bench.rate", description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="8 held-out latents instead of 48 (a couple of minutes)")
-    mode.add_argument("--smoke", action="store_true",
-                      help=f"{SMOKE_IMAGES} VAE-encoded latents (seconds; for tests)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--n-images", type=int, default=None)
-    p.add_argument("--source", choices=("diffusion", "vae"), default=None,
-                   help="held-out latents: what the edge sends (diffusion, default) or VAE means of renders")
-    p.add_argument("--curves", nargs="+", default=None, help="codec presets to measure (default: all)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    """``meg bench rate [--quick | --smoke] [--out DIR]`` (arguments: :func:`bench.cli.build_parser`)."""
+    from bench.cli import parse
+
+    args = parse("rate", argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     n_images, source = args.n_images, args.source

@@ -1,6 +1,6 @@
 """Serving benchmark: a closed-loop load generator against ``POST /v1/generate``, edge batching on vs off.
 
-``meg bench serve`` (or ``python -m bench.serve``) keeps ``--concurrency`` requests in flight until
+``meg bench serve`` keeps ``--concurrency`` requests in flight until
 ``--requests`` have been answered, through the whole testbed (device REST → channel emulator → edge), and
 reports
 
@@ -17,7 +17,6 @@ By default it starts its own testbed per mode (three subprocesses on free loopba
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import itertools
@@ -26,7 +25,6 @@ import logging
 import os
 import platform
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -341,21 +339,8 @@ class OpenLoopConfig:
                            window_ms=self.window_ms, model_dir=self.model_dir, out=self.out)
 
     def edge_args(self, policy: str) -> list[str]:
-        return ["--policy", policy, "--max-batch", str(self.max_batch), "--window-ms", f"{self.window_ms:g}",
+        return ["--policy", policy, "--max-batch", str(self.max_batch), "--batch-window-ms", f"{self.window_ms:g}",
                 "--max-queue", str(max(64, 2 * self.capacity_concurrency))]
-
-
-@dataclass
-class PolicyTestbed(LocalTestbed):
-    """The local testbed with the edge started as ``python -m edge_server`` (every EdgeConfig field an option,
-    so the scheduler policy can be chosen), channel emulator and device as ``meg`` starts them."""
-
-    def command(self, name: str) -> list[str]:
-        if name != "edge":
-            return super().command(name)
-        return [sys.executable, "-m", "edge_server", "--port", str(self.edge_port), "--metrics-port",
-                str(self.edge_metrics_port), "--model-dir", str(self.model_dir), "--log-level", self.log_level,
-                *self.edge_args]
 
 
 def poisson_arrivals(n: int, rate_rps: float, seed: int) -> list[float]:
@@ -450,8 +435,8 @@ def run_open_loop(config: OpenLoopConfig) -> OpenLoopReport:
     policies alike instead of whichever ran second; each part starts from an idle server.
     """
     capacity: ModeResult | None = None
-    with PolicyTestbed(config.model_dir, edge_args=config.edge_args("request")) as request_bed, \
-            PolicyTestbed(config.model_dir, edge_args=config.edge_args("step")) as step_bed:
+    with LocalTestbed(config.model_dir, edge_args=config.edge_args("request")) as request_bed, \
+            LocalTestbed(config.model_dir, edge_args=config.edge_args("step")) as step_bed:
         beds = {"request": request_bed, "step": step_bed}
         rate = config.rate_rps
         if rate is None:
@@ -580,23 +565,8 @@ def segment_table(runs: list[SegmentRun]) -> list[str]:
     return lines
 
 
-def open_loop_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="meg bench serve --open-loop",
-                                description="Poisson arrivals: step scheduler vs request-level batching")
-    p.add_argument("--open-loop", action="store_true", required=True)
-    p.add_argument("--requests", type=int, default=None, help="arrivals per policy (default 300; --quick 12)")
-    p.add_argument("--load", type=float, default=0.7, help="arrival rate as a fraction of the capacity")
-    p.add_argument("--rate", type=float, default=None, help="fixed arrival rate in req/s (skips the capacity run)")
-    p.add_argument("--capacity-requests", type=int, default=None, help="default 160; --quick 16")
-    p.add_argument("--capacity-concurrency", type=int, default=None, help="default 32; --quick 4")
-    p.add_argument("--steps", type=int, default=None, help="default 20; --quick 4")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="of the arrival times")
-    p.add_argument("--segments", type=int, default=None, help="parts run in ABBA order (default 4; --quick 2)")
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--quick", action="store_true", help="a smoke test: 12 arrivals, 4 steps")
-    args = p.parse_args(argv)
+def open_loop_main(args: Any) -> int:
+    """``meg bench serve --open-loop`` with the arguments :func:`bench.cli.parse` gave."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     q = args.quick
@@ -604,32 +574,22 @@ def open_loop_main(argv: list[str] | None = None) -> int:
         requests=args.requests or (12 if q else 300), load=args.load, rate_rps=args.rate,
         capacity_requests=args.capacity_requests or (16 if q else 160),
         capacity_concurrency=args.capacity_concurrency or (4 if q else 32), steps=args.steps or (4 if q else 20),
-        warmup=2 if q else 8, max_batch=args.max_batch, seed=args.seed, segments=args.segments or (2 if q else 4),
-        model_dir=args.model_dir or default_model_dir(), out=args.out)
-    env = environment()
-    summary = write_open_loop_outputs(run_open_loop(config), env)
+        codec=args.codec, timeout_s=args.timeout_s, warmup=args.warmup if args.warmup is not None else (2 if q else 8),
+        max_batch=args.max_batch, window_ms=args.batch_window_ms, seed=args.seed,
+        segments=args.segments or (2 if q else 4), model_dir=args.model_dir or default_model_dir(), out=args.out)
+    summary = write_open_loop_outputs(run_open_loop(config), environment())
     log.info("mean latency step/request: %s (goal ≤ %.2f); wrote %s/serve_open_loop.{csv,json,png,md}",
              summary["mean_latency_ratio_step_request"], OPEN_LOOP_GOAL, config.out)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    if "--open-loop" in (sys.argv[1:] if argv is None else argv):
-        return open_loop_main(argv)
-    p = argparse.ArgumentParser(prog="meg bench serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default=None, help="drive a running testbed's device (default: start one per mode)")
-    p.add_argument("--requests", type=int, default=None, help="requests per mode (default 200; --quick 16)")
-    p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 32; --quick 4)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per request (default 20; --quick 4)")
-    p.add_argument("--codec", default="raw-fp16")
-    p.add_argument("--max-batch", type=int, default=8, help="edge --max-batch with batching on")
-    p.add_argument("--batch-window-ms", type=float, default=10.0, help="edge --batch-window-ms with batching on")
-    p.add_argument("--warmup", type=int, default=None, help="uncounted warm-up requests per mode (default 8)")
-    p.add_argument("--timeout-s", type=float, default=600.0, help="client timeout per request")
-    p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--quick", action="store_true", help="16 requests at concurrency 4, 4 steps (a smoke test)")
-    args = p.parse_args(argv)
+    """``meg bench serve [--quick] [--url URL] [--out DIR]`` (arguments: :func:`bench.cli.build_parser`)."""
+    from bench.cli import parse
+
+    args = parse("serve", argv)
+    if args.open_loop:
+        return open_loop_main(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     quick = args.quick

@@ -28,7 +28,6 @@ Cost is kept down without changing what is measured: see :class:`Transmitter`.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import logging
@@ -576,27 +575,16 @@ def run(quick: bool, out_dir: Path, *, n_images: int | None = None, snrs: tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.snr [--quick | --smoke] [--out DIR]``."""
-    p = argparse.ArgumentParser(prog="python -m bench.snr", description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="54 latents, -5..20 dB (a couple of minutes)")
-    mode.add_argument("--smoke", action="store_true",
-                      help=f"{SMOKE_IMAGES} VAE-encoded latents at {SMOKE_SNRS_DB} dB (seconds; for tests)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    p.add_argument("--n-images", type=int, default=None)
-    p.add_argument("--snrs", type=float, nargs="+", default=None, help="SNRs in dB (overrides the mode's)")
-    p.add_argument("--channels", nargs="+", default=list(CHANNELS), choices=("ideal", "awgn", "rayleigh", "rician"))
-    p.add_argument("--schemes", nargs="+", default=None, help="keep schemes whose name or codec starts so")
-    p.add_argument("--source", choices=("diffusion", "vae"), default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    """``meg bench snr [--quick | --smoke] [--out DIR]`` (arguments: :func:`bench.cli.build_parser`)."""
+    from bench.cli import parse
+
+    args = parse("snr", argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)
     n_images, source, snrs = args.n_images, args.source, tuple(args.snrs) if args.snrs else None
     if args.smoke:
         n_images, source, snrs = n_images or SMOKE_IMAGES, source or "vae", snrs or SMOKE_SNRS_DB
-    run(args.quick or args.smoke, args.out, n_images=n_images, snrs=snrs, channels=tuple(args.channels),
+    run(args.quick or args.smoke, args.out, n_images=n_images, snrs=snrs, channels=tuple(args.channels or CHANNELS),
         schemes=args.schemes, source=source, seed=args.seed, progress=not args.no_progress,
         mode="smoke" if args.smoke else None,
         command=" ".join(["meg bench snr", *(argv if argv is not None else sys.argv[1:])]))

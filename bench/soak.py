@@ -14,7 +14,6 @@ Default 20 minutes; ``--minutes`` shortens it. Writes ``soak.{csv,json,md,png}``
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import json
@@ -42,6 +41,8 @@ PROMPTS = ("a red circle on a white background", "a blue square on a black backg
            "a green triangle on a yellow background")
 GOAL_RSS_GROWTH = 0.05
 SPIKE_S = 20.0
+#: What the device's 503 answers say while a service restarts (Retry-After).
+RETRY_AFTER_S = 2.0
 
 
 @dataclass
@@ -180,8 +181,11 @@ class SoakRun:
     async def load(self, client: httpx.AsyncClient, worker: int, end_s: float) -> None:
         i = worker
         while self.now() < end_s:
-            self.seen.append(await soak_request(client, self.body(i), self.t0))
+            seen = await soak_request(client, self.body(i), self.t0)
+            self.seen.append(seen)
             i += self.config.concurrency
+            if seen.kind.startswith("503"):
+                await asyncio.sleep(RETRY_AFTER_S)  # a well-behaved client honours Retry-After
 
     async def sample_rss(self, end_s: float) -> None:
         assert self.up is not None
@@ -306,27 +310,25 @@ def plot(run: SoakRun, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="meg bench soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=20.0, help="soak length after the warm-up (default 20)")
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup-s", type=float, default=30.0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default: bench/results for a full run, bench/results/_tmp otherwise)")
-    args = parser.parse_args(argv)
+    """``meg bench soak [--minutes M] [--quick] [--out DIR]`` (arguments: :func:`bench.cli.build_parser`)."""
+    from bench.cli import parse
+
+    args = parse("soak", argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    full = args.minutes >= 20.0
-    out = args.out or (RESULTS_DIR if full else RESULTS_DIR / "_tmp" / "soak")
-    run = SoakRun(SoakConfig(args.minutes, args.concurrency, args.steps, args.warmup_s, out=out))
+    minutes = 1.5 if args.quick else args.minutes
+    config = SoakConfig(minutes, args.concurrency, args.steps, 20.0 if args.quick else args.warmup_s, out=args.out)
+    if args.model_dir is not None:
+        config.model_dir = args.model_dir
+    run = SoakRun(config)
     try:
         run.start()
         asyncio.run(run.run())
     finally:
         run.stop()
-    write_results(run, out)
+    write_results(run, args.out)
     s = summary(run)
     log.info("soak: %d requests, %d ok, %d refused, %d lost; results in %s", s["requests"], s["ok"], s["refused"],
-             s["lost"], out)
+             s["lost"], args.out)
     return 0 if s["lost"] == 0 else 1
 
 

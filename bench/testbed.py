@@ -1,14 +1,16 @@
 """A local testbed for benchmarks: edge, channel emulator and device as subprocesses on free loopback ports.
 
 The same three ``meg`` services a deployment runs, started the way the test suite starts them, so a
-benchmark measures the real processes, sockets and serialisation. Service logs go to a temporary folder
-(their paths are logged when a service fails to come up).
+benchmark measures the real processes, sockets and serialisation. Service logs go to ``log_dir``, or to a
+temporary folder that is removed when the testbed goes down (also on Ctrl-C); when a service fails to come
+up, the end of its log is in the exception.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,6 +60,8 @@ class LocalTestbed:
     channel_metrics_port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     log_dir: Path | None = None
+    #: Whether log_dir is a temporary folder this testbed made (and so removes in down()).
+    owns_log_dir: bool = field(default=False, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -80,6 +84,7 @@ class LocalTestbed:
         """Start one service (again, after a kill) on its fixed port, appending to its log."""
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="meg-bench-"))
+            self.owns_log_dir = True
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_dir / f"{name}.log", "ab") as out:
             self.procs[name] = subprocess.Popen(self.command(name), cwd=REPO_ROOT, stdout=out,
@@ -118,14 +123,15 @@ class LocalTestbed:
             except httpx.HTTPError as exc:
                 last = str(exc)
             time.sleep(0.3)
-        raise TimeoutError(f"testbed not healthy after {timeout:.0f} s ({last}); logs in {self.log_dir}")
+        tails = "".join(f"\n--- {name}.log:\n{self.log_text(name)[-1500:]}" for name in self.procs)
+        raise TimeoutError(f"testbed not healthy after {timeout:.0f} s ({last}); logs in {self.log_dir}{tails}")
 
     def up(self) -> "LocalTestbed":
         for name in SERVICES:
             self.start_service(name)
         try:
             self.wait_healthy()
-        except Exception:
+        except BaseException:  # Ctrl-C while waiting too: no service or temporary folder is left behind
             self.down()
             raise
         log.info("testbed up at %s (edge %s; logs in %s)", self.url, " ".join(self.edge_args) or "defaults",
@@ -133,8 +139,13 @@ class LocalTestbed:
         return self
 
     def down(self) -> None:
-        for name in reversed(SERVICES):
-            self.stop_service(name)
+        try:
+            for name in reversed(SERVICES):
+                self.stop_service(name)
+        finally:
+            if self.owns_log_dir and self.log_dir is not None:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+                self.log_dir, self.owns_log_dir = None, False
 
     def __enter__(self) -> "LocalTestbed":
         return self.up()

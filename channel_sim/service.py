@@ -20,13 +20,17 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meg.v1 import meg_pb2, meg_pb2_grpc
 from radio import ChannelError, ChannelSpec, channel_names
 from radio.link import Link, LinkResult, generator_for
 from serving.contract import CallContext, RequestError, Status, StreamingApi
-from serving.grpc_service import NOT_SERVING, SERVING, GrpcServerConfig, add_streaming_api, run_grpc_service
+from channel_sim.llm_session import SESSION_SERVICE, LlmSessionProxy
+from serving.grpc_service import (
+    NOT_SERVING, SERVING, GrpcServerConfig, add_session_api, add_streaming_api, run_grpc_service,
+)
 from telemetry.metrics import MegMetrics, shannon_capacity_bits_per_symbol
 from wire import framing
 
@@ -62,6 +66,10 @@ class EdgeUpstream:
                          else grpc.aio.insecure_channel(target, options=options))
         self._stub = meg_pb2_grpc.EdgeGenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._channel
 
     async def serving(self) -> bool:
         try:
@@ -109,6 +117,7 @@ async def _upstream_error(call: grpc.aio.UnaryStreamCall, exc: grpc.aio.AioRpcEr
 class LinkWork:
     request: meg_pb2.GenerateRequest
     spec: ChannelSpec
+    probe_pilots: int = 0
 
 
 @dataclass
@@ -143,6 +152,8 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
         return LinkWork(request, spec)
 
     async def run(self, work: LinkWork, ctx: CallContext) -> Delivery:
+        generator = generator_for(work.spec.link.seed)
+        work.probe_pilots = await self._feed_back_csi(work, generator)
         remaining = ctx.time_remaining()
         timeout = min(remaining, MAX_UPSTREAM_S) if remaining else MAX_UPSTREAM_S
         try:
@@ -153,8 +164,22 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
         ctx.labels["codec"] = received.header.codec_id
         started = time.perf_counter()
         link = await asyncio.get_running_loop().run_in_executor(
-            None, self.link.send, work.spec, received.payload, generator_for(work.spec.link.seed))
+            None, self.link.send, work.spec, received.payload, generator)
+        link.symbols += work.probe_pilots
+        link.pilot_symbols += work.probe_pilots
         return Delivery(work, received, link, started)
+
+    async def _feed_back_csi(self, work: LinkWork, generator: torch.Generator) -> int:
+        """Measure the link as its receiver would and hand the estimate to the edge with the request, after
+        the link's feedback delay (a transmitter never knows the true SNR). Returns the pilots spent."""
+        snr_db, pilots = self.link.probe(work.spec, generator)
+        if snr_db is None:
+            return 0
+        delay_ms = work.spec.link.feedback_delay_ms
+        work.request.csi.CopyFrom(meg_pb2.ChannelStateInfo(snr_estimate_db=snr_db, pilot_symbols=pilots,
+                                                           age_ms=delay_ms))
+        await asyncio.sleep(delay_ms / 1000.0)
+        return pilots
 
     async def encode_response(self, d: Delivery, ctx: CallContext) -> AsyncIterator[meg_pb2.GenerateResponse]:
         yield meg_pb2.GenerateResponse(header=d.received.header)  # the control channel, uncorrupted
@@ -183,7 +208,7 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
             bandwidth_hz=spec.link.bandwidth_hz, delay_ms=spec.link.delay_ms, symbols=link.symbols,
             airtime_ms=1e3 * airtime_s, bit_errors=link.bit_errors, bits=link.bits,
             modulation=spec.link.modulation if digital else "analog", channel_ms=1e3 * channel_s,
-            erased=[meg_pb2.ByteRange(start=a, end=b) for a, b in link.erased])
+            erased=[meg_pb2.ByteRange(start=a, end=b) for a, b in link.erased], pilot_symbols=link.pilot_symbols)
 
     def _observe(self, d: Delivery, ctx: CallContext, airtime_s: float, channel_s: float) -> None:
         spec, link = d.work.spec, d.link
@@ -248,9 +273,15 @@ async def serve(config: ChannelServiceConfig, ready: asyncio.Event | None = None
     # Under mutual TLS only the device may call the emulator (and only the emulator may call the edge).
     peers = ("device",) if credentials is not None else ()
     log.info("channel emulator → edge %s", config.edge)
+    sessions = LlmSessionProxy(upstream.channel, api.link, metrics)
+
+    def register(server: grpc.aio.Server) -> None:
+        add_streaming_api(server, api, metrics, SERVICE_NAME, "Generate", meg_pb2.GenerateRequest,
+                          meg_pb2.GenerateResponse, allowed_peers=peers)
+        add_session_api(server, "channel", sessions.handle, metrics, SESSION_SERVICE, "Session", meg_pb2.SessionUp,
+                        meg_pb2.SessionDown, allowed_peers=peers)
+
     await run_grpc_service(
-        server_config,
-        lambda server: add_streaming_api(server, api, metrics, SERVICE_NAME, "Generate", meg_pb2.GenerateRequest,
-                                         meg_pb2.GenerateResponse, allowed_peers=peers),
+        server_config, register,
         metrics, credentials=credentials, health_status={SERVICE_NAME: NOT_SERVING},
         background=[_watch_upstream(upstream), _warm_up], on_stop=upstream.close, ready=ready)

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import logging
-import math
 import os
 import sys
 import time

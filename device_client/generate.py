@@ -128,7 +128,8 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
         try:
             received = await self.link.generate(work.request, self.defaults.request_timeout_s)
         except LinkError as exc:
-            raise RequestError(Status.from_http(exc.http_status), exc.reason, exc.retry_after_s, exc.kind) from exc
+            retry = float(exc.retry_after_s) if exc.retry_after_s else None
+            raise RequestError(Status.from_http(exc.http_status), exc.reason, retry, exc.kind) from exc
         finally:
             self.in_flight -= 1
         t_dec = time.perf_counter()

@@ -14,6 +14,8 @@ from meg.v1 import meg_pb2, meg_pb2_grpc
 log = logging.getLogger(__name__)
 
 EDGE_SERVICE = "meg.v1.EdgeGeneration"
+#: Retry-After (s) when the channel emulator or the edge is unreachable.
+UNAVAILABLE_RETRY_AFTER_S = "2"
 
 
 class LinkError(RuntimeError):
@@ -74,6 +76,8 @@ class DeviceLink:
             retry = None
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 retry = dict(exc.initial_metadata() or ()).get("retry-after", "1")
+            elif exc.code() == grpc.StatusCode.UNAVAILABLE:
+                retry = UNAVAILABLE_RETRY_AFTER_S  # a restarting service: `meg up` brings it back in seconds
             details = exc.details() or exc.code().name
             if exc.code() == grpc.StatusCode.UNAVAILABLE and "edge" not in details:
                 details = f"channel emulator unreachable at {self.config.target}: {details}"

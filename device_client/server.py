@@ -42,7 +42,8 @@ def header_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
 def run_device_server(app: Any, host: str, port: int, *, max_connections: int = 256, header_timeout_s: float = 10.0,
                       log_level: str = "info") -> None:
     """Serve ``app`` until SIGINT/SIGTERM."""
+    # log_config=None: uvicorn's records go through this process's handler, in the services' one format.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=False,
-                            http=header_deadline_protocol(header_timeout_s), limit_concurrency=max_connections,
-                            timeout_keep_alive=5)
+                            log_config=None, http=header_deadline_protocol(header_timeout_s),
+                            limit_concurrency=max_connections, timeout_keep_alive=5)
     uvicorn.Server(config).run()

@@ -169,6 +169,7 @@ class StepScheduler(Generic[JobT, StateT, ResultT]):
         self._running: list[_Ticket] = []
         self._stopping = False
         self._abandon = False
+        self._busy_since: float | None = None  # when the current admission or step began (the watchdog's clock)
         self._step_s = 0.05         # moving average of one step's duration (for retry-after)
         self._steps_per_job = 20.0  # moving average of the steps a request takes
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -217,6 +218,12 @@ class StepScheduler(Generic[JobT, StateT, ResultT]):
             self._cond.notify()
         self._gauge()
 
+    def stalled_s(self) -> float:
+        """How long the worker has been inside one admission or step (0 when idle or between steps): a
+        worker that stops making progress shows here, while the queue alone cannot tell."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def retry_after_s(self) -> float:
         """When a refused request would likely be admitted: the queue ahead of it, at the measured step rate."""
         batches_ahead = (len(self._waiting) + len(self._running)) / self.config.max_batch
@@ -250,10 +257,14 @@ class StepScheduler(Generic[JobT, StateT, ResultT]):
         if self._abandon:
             return False
         self._drop_cancelled()
-        if self.policy is Policy.STEP or not self._running:
-            self._admit(self._take(self.config.max_batch - len(self._running)))
-        if self._running:
-            self._step()
+        self._busy_since = time.monotonic()
+        try:
+            if self.policy is Policy.STEP or not self._running:
+                self._admit(self._take(self.config.max_batch - len(self._running)))
+            if self._running:
+                self._step()
+        finally:
+            self._busy_since = None
         return True
 
     def _wait_for_work(self) -> bool:

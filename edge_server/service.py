@@ -28,6 +28,7 @@ from edge_server.diffusion import DiffusionJob, DiffusionStepModel
 from edge_server.scheduler import (
     Completion, QueueFullError, SchedulerConfig, SchedulerStoppedError, StepScheduler,
 )
+from edge_server.watchdog import progress_watchdog
 from meg.v1 import meg_pb2
 from models.backends import TextToImageBackend, load_backend
 from radio import channel_names, is_noiseless
@@ -70,6 +71,8 @@ class EdgeConfig:
         "help": "per-request compute budget, height × width × steps (default: 512×512 at 50 steps)"})
     insecure_grpc: bool = field(default=False, metadata={
         "help": "serve plaintext gRPC off loopback (default: refused without --tls-dir)"})
+    watchdog_s: float = field(default=120.0, metadata={
+        "help": "report NOT_SERVING when one denoising step has run this long (a stuck compute worker)"})
 
     def torch_dtype(self) -> torch.dtype:
         try:
@@ -156,9 +159,12 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
         problem = validate_request(request)
         if problem:
             raise RequestError(Status.INVALID, problem)
-        snr = request.channel.params.get("snr_db") if link_is_noisy(request.channel.model) else None
+        # What the transmitter knows of the link: the receiver's estimate fed back by the channel emulator (a
+        # request that did not cross the emulator falls back to the requested SNR).
+        requested = request.channel.params.get("snr_db") if link_is_noisy(request.channel.model) else None
+        snr = request.csi.snr_estimate_db if request.HasField("csi") else requested
         codec_label, chan_label = self.metric_labels(request)
-        ctx.labels = self.metrics.labels(self.backend.model_id, codec_label, chan_label, snr)
+        ctx.labels = self.metrics.labels(self.backend.model_id, codec_label, chan_label, requested)
         try:
             shape = self.backend.latent_shape(request.height, request.width)
             params = dict(request.codec_params)
@@ -266,5 +272,6 @@ async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
              backend.model_id, e.policy, e.max_batch, e.window_ms, e.max_queue, scheduler.cpu_threads or "-")
     server = GrpcServerConfig("edge", config.host, config.port, config.metrics_port, config.grace_s,
                               grpc_server_options(), insecure=config.insecure_grpc)
+    watchdog = progress_watchdog(scheduler, ("", SERVICE_NAME), config.watchdog_s)
     await run_grpc_service(server, register, metrics, credentials=credentials, health_status={SERVICE_NAME: SERVING},
-                           on_stop=on_stop, ready=ready)
+                           background=[watchdog], on_stop=on_stop, ready=ready)

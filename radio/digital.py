@@ -49,17 +49,20 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from radio.block import ChannelBlock
+from radio.block import ChannelBlock, ChannelOutput
 from radio.modulation import MODULATIONS
 
 logger = logging.getLogger(__name__)
+
+#: The receiver's view of a transmission: the true gains and N0 by default (perfect CSI), or its estimates.
+Receiver = Callable[[ChannelOutput], ChannelOutput]
 
 #: The single place where Sionna's compute device and precision are chosen: CPU, float32/complex64.
 SIONNA_DEVICE = "cpu"
@@ -72,7 +75,7 @@ CRC_LENGTHS: dict[str, int] = {"CRC24A": 24, "CRC24B": 24, "CRC24C": 24, "CRC16"
 STANDARD_RATES: tuple[Fraction, ...] = (Fraction(1, 2), Fraction(2, 3), Fraction(3, 4), Fraction(5, 6))
 
 _LDPC_MAX_K = 8448          # 5G NR LDPC base graph 1 maximum information length
-_MIN_RATE = 0.2             # below this 5G needs repetition, which Sionna does not implement
+_MIN_RATE = Fraction(1, 5)   # below this 5G needs repetition, which Sionna does not implement
 _MAX_RATE = 948 / 1024      # highest rate 38.212 allows after rate matching
 _MIN_CHANNEL_GAIN2 = 1e-12  # floor on |h|^2 for zero-forcing, so N0/|h|^2 stays finite in float32
 
@@ -326,8 +329,8 @@ class DigitalChain:
         """
         return self.transmit_many([data], channel, rng)[0]
 
-    def transmit_many(self, payloads: Sequence[bytes], channel: ChannelBlock, rng: torch.Generator | None = None
-                      ) -> list[DigitalChainResult]:
+    def transmit_many(self, payloads: Sequence[bytes], channel: ChannelBlock, rng: torch.Generator | None = None,
+                      receiver: Receiver | None = None) -> list[DigitalChainResult]:
         """Send several independent payloads (one per image, say), each through its own channel realisation.
 
         Equivalent to calling :meth:`transmit` on each payload in order with the same ``rng`` (the channel
@@ -341,10 +344,10 @@ class DigitalChain:
             return [DigitalChainResult(p, [], s.symbols, 8 * len(p), s.coded_bits, s.blocks, 0, 0)
                     for p, s in zip(items, segs)]
         with torch.inference_mode():
-            return self._transmit_noisy(items, segs, channel, rng)
+            return self._transmit_noisy(items, segs, channel, rng, receiver)
 
     def _transmit_noisy(self, items: list[bytes], segs: list[Segmentation], channel: ChannelBlock,
-                        rng: torch.Generator | None) -> list[DigitalChainResult]:
+                        rng: torch.Generator | None, receiver: Receiver | None = None) -> list[DigitalChainResult]:
         mapper, demapper = self._mapper_demapper()
         # Payloads that share a segmentation share one code, so their blocks can be stacked.
         groups: dict[tuple[int, int, int], list[int]] = {}
@@ -373,6 +376,8 @@ class DigitalChain:
             if not seg.blocks:
                 continue
             out = channel.transmit(tx[i].reshape(1, -1).to(torch.complex64), rng)
+            if receiver is not None:
+                out = receiver(out)  # what the receiver knows of the channel (e.g. pilot estimates)
             # Zero-forcing with receiver CSI: y/h has noise variance N0/|h|^2 per symbol.
             y, no = channel.equalize_zf(out, _MIN_CHANNEL_GAIN2)
             y_eq[i] = y.reshape(seg.blocks, seg.symbols_per_block)

@@ -32,6 +32,11 @@ class LinkParams:
                      help="digital payloads: none (uncoded QAM) or ldpc (CRC + 5G LDPC + QAM)")
     code_rate: float | None = param(None, lo=0.2, hi=0.925, help="LDPC code rate (with fec=ldpc; default 0.5)")
     seed: int | None = param(None, kind=int, lo=0, hi=2**63 - 1, help="channel noise seed (reproducible runs)")
+    csi: str = param("perfect", kind=str, choices=("perfect", "estimated"),
+                     help="receiver CSI: perfect (genie) or estimated from pilots that cost channel uses")
+    pilots: int = param(8, kind=int, lo=1, hi=1024, help="pilot symbols per coherence block (with csi=estimated)")
+    feedback_delay_ms: float = param(0.0, lo=0.0, hi=10_000.0, unit="ms",
+                                     help="delay before the receiver's channel estimate reaches the transmitter")
 
     def validate(self) -> "LinkParams":
         validate_fields(self)

@@ -60,6 +60,44 @@ def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
     return names[0].decode() if names else None
 
 
+async def _check_peer(context: grpc.aio.ServicerContext, service: str, metrics: MegMetrics,
+                      allowed_peers: Collection[str]) -> None:
+    if allowed_peers:
+        peer = peer_identity(context)
+        if peer is not None and peer not in allowed_peers:
+            metrics.error("peer_refused")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate {peer!r} may not call "
+                                f"{service}; allowed: {', '.join(sorted(allowed_peers))}")
+
+
+async def _guarded(frames: AsyncIterator[Any], ctx: CallContext, context: grpc.aio.ServicerContext,
+                   metrics: MegMetrics, service: str) -> AsyncIterator[Any]:
+    """Yield ``frames`` with the bookkeeping every call shares: request id, in-flight gauge, request counter
+    (status "ok", the refusal's label, "cancelled" or "error"), and clean statuses for refusals and bugs."""
+    token = set_request_id(ctx.request_id)
+    metrics.in_flight.labels(service).inc()
+    status = "ok"
+    try:
+        async for frame in frames:
+            yield frame
+    except RequestError as exc:
+        status = exc.label
+        await _abort(context, exc)
+    except asyncio.CancelledError:
+        status = "cancelled"
+        log.info("request cancelled by the client")
+        raise
+    except Exception:
+        # A bug must still end the call cleanly and be counted, never vanish as an "ok".
+        status = "error"
+        log.exception("request failed")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+    finally:
+        metrics.in_flight.labels(service).dec()
+        metrics.requests.labels(service, ctx.labels["codec"], ctx.labels["channel"], status).inc()
+        reset_request_id(token)
+
+
 def streaming_handler(api: StreamingApi, metrics: MegMetrics, request_id_of: Callable[[Any], str],
                       allowed_peers: Collection[str] = ()) -> Callable[[Any, grpc.aio.ServicerContext],
                                                                       AsyncIterator[Any]]:
@@ -69,43 +107,57 @@ def streaming_handler(api: StreamingApi, metrics: MegMetrics, request_id_of: Cal
     emulator may call the edge, so a device certificate cannot skip the emulated link)."""
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if allowed_peers:
-            peer = peer_identity(context)
-            if peer is not None and peer not in allowed_peers:
-                metrics.error("peer_refused")
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate {peer!r} may not call "
-                                    f"{api.service}; allowed: {', '.join(sorted(allowed_peers))}")
+        await _check_peer(context, api.service, metrics, allowed_peers)
         if isinstance(request, _Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.reason}")
         ctx = CallContext(request_id_of(request) or uuid.uuid4().hex[:16], _time_remaining(context))
-        token = set_request_id(ctx.request_id)
         codec_label, channel_label = api.metric_labels(request)
         ctx.labels.update(codec=codec_label, channel=channel_label)
-        metrics.in_flight.labels(api.service).inc()
-        status = "ok"
-        try:
+
+        async def frames() -> AsyncIterator[Any]:
             work = await api.decode_request(request, ctx)
             result = await api.run(work, ctx)
             async for frame in api.encode_response(result, ctx):
                 yield frame
-        except RequestError as exc:
-            status = exc.label
-            await _abort(context, exc)
-        except asyncio.CancelledError:
-            status = "cancelled"
-            log.info("request cancelled by the client")
-            raise
-        except Exception:
-            # A bug must still end the call cleanly and be counted, never vanish as an "ok".
-            status = "error"
-            log.exception("request failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
-        finally:
-            metrics.in_flight.labels(api.service).dec()
-            metrics.requests.labels(api.service, ctx.labels["codec"], ctx.labels["channel"], status).inc()
-            reset_request_id(token)
+
+        async for frame in _guarded(frames(), ctx, context, metrics, api.service):
+            yield frame
 
     return handle
+
+
+#: A bidirectional session: (the parsed incoming messages, the call's context) → the outgoing messages.
+SessionHandler = Callable[[AsyncIterator[Any], CallContext], AsyncIterator[Any]]
+
+
+def add_session_api(server: grpc.aio.Server, service: str, handler: SessionHandler, metrics: MegMetrics,
+                    service_name: str, method: str, request_type: type[Message], response_type: type[Message],
+                    allowed_peers: Collection[str] = ()) -> None:
+    """Serve a bidirectional-streaming ``service_name/method`` with the same bookkeeping as
+    :func:`add_streaming_api`; a message that does not parse ends the call with INVALID_ARGUMENT."""
+
+    def parse(blob: bytes) -> Any:
+        try:
+            return request_type.FromString(blob)
+        except DecodeError as exc:
+            return _Undecodable(f"not a {request_type.DESCRIPTOR.full_name}: {exc}")
+
+    async def checked(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for message in messages:
+            if isinstance(message, _Undecodable):
+                raise RequestError(Status.INVALID, f"message does not parse: {message.reason}")
+            yield message
+
+    async def handle(messages: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await _check_peer(context, service, metrics, allowed_peers)
+        ctx = CallContext(uuid.uuid4().hex[:16], _time_remaining(context), {"codec": "-", "channel": "-"})
+        async for frame in _guarded(handler(checked(messages), ctx), ctx, context, metrics, service):
+            yield frame
+
+    handlers = {method: grpc.stream_stream_rpc_method_handler(
+        handle, request_deserializer=parse, response_serializer=response_type.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_registered_method_handlers(service_name, handlers)
 
 
 def add_streaming_api(server: grpc.aio.Server, api: StreamingApi, metrics: MegMetrics, service_name: str,

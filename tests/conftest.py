@@ -17,6 +17,18 @@ from bench.testbed import LocalTestbed, free_port  # noqa: E402,F401  (free_port
 from tiny_models import build_tiny_ldm  # noqa: E402
 
 
+#: Fixtures that start service processes: a test using one is a multi-process test, marked ``slow``.
+MULTI_PROCESS_FIXTURES = frozenset({"testbed", "fresh_testbed", "meg_up"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every multi-process test ``slow`` (``-m "not slow"`` runs the in-process suite in a minute or two;
+    ``make test`` runs everything)."""
+    for item in items:
+        if MULTI_PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_ldm(tmp_path_factory.mktemp("tiny_ldm"))

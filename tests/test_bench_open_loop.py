@@ -23,10 +23,11 @@ def test_poisson_arrivals_are_seeded_increasing_and_at_the_rate() -> None:
     assert abs(np.std(gaps) / np.mean(gaps) - 1.0) < 0.1   # exponential-like gaps, not a fixed period
 
 
+@pytest.mark.slow   # starts two testbeds of its own (not through the fixtures that mark this automatically)
 @pytest.mark.timeout(600)
 def test_open_loop_quick_compares_both_policies(testbed_model_dir: Path, tmp_path: Path) -> None:
-    argv = ["--open-loop", "--requests", "6", "--rate", "2", "--steps", "2", "--model-dir", str(testbed_model_dir),
-            "--out", str(tmp_path)]
+    argv = ["--open-loop", "--requests", "6", "--rate", "2", "--steps", "2", "--segments", "2",
+            "--model-dir", str(testbed_model_dir), "--out", str(tmp_path)]
     assert serve.main(argv) == 0
     summary = json.loads((tmp_path / "serve_open_loop.json").read_text())
     assert summary["arrival_rate_rps"] == 2.0 and summary["capacity"] is None

@@ -204,3 +204,51 @@ class StreamAssembler:
             out[info.name] = torch.from_numpy(np.frombuffer(blob[pos:pos + n], "<f4").reshape(info.shape).copy())
             pos += n
         return out
+
+
+# ------------------------------------------------------------------------------ LLM session messages
+
+
+def hidden_message(payload: EncodedPayload, position: int, rows: int, header: meg_pb2.StreamHeader
+                   ) -> meg_pb2.HiddenStates:
+    """One session message carrying ``payload`` (hidden states are small: one message, no chunking)."""
+    head = meg_pb2.StreamHeader()
+    head.CopyFrom(header)
+    head.wire_version = WIRE_VERSION
+    head.codec_params.clear()
+    head.codec_params.update(payload.params)
+    del head.tensors[:]
+    head.tensors.extend(tensor_specs(payload.tensors))
+    head.payload_kind = _KIND_TO_PB[payload.kind]
+    head.payload_bytes = len(payload.data)
+    head.payload_symbols = payload.symbols_sent
+    msg = meg_pb2.HiddenStates(position=position, rows=rows, header=head, crc32=payload_crc(payload))
+    if payload.kind == "analog":
+        msg.symbols.extend(symbols_to_floats(payload.symbols).tolist())
+    else:
+        msg.data = payload.data
+    return msg
+
+
+def payload_of_hidden(msg: meg_pb2.HiddenStates, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> EncodedPayload:
+    """The payload a session message carries, checked against its header and CRC (raises StreamError)."""
+    h = msg.header
+    if h.wire_version != WIRE_VERSION:
+        raise StreamError(f"wire version {h.wire_version!r} is not {WIRE_VERSION!r}")
+    if h.payload_kind not in _PB_TO_KIND:
+        raise StreamError("hidden states without a payload kind")
+    if h.payload_bytes + 8 * h.payload_symbols > max_payload_bytes:
+        raise StreamError("hidden-state payload over the size limit")
+    infos = infos_from_specs(list(h.tensors))
+    if _PB_TO_KIND[h.payload_kind] == "analog":
+        symbols = floats_to_symbols(np.asarray(msg.symbols, dtype=np.float32))
+        if symbols.size != h.payload_symbols:
+            raise StreamError(f"received {symbols.size} symbols; header says {h.payload_symbols}")
+        payload = EncodedPayload("analog", infos, dict(h.codec_params), symbols=symbols)
+    else:
+        if len(msg.data) != h.payload_bytes:
+            raise StreamError(f"received {len(msg.data)} bytes; header says {h.payload_bytes}")
+        payload = EncodedPayload("digital", infos, dict(h.codec_params), data=bytes(msg.data))
+    if payload_crc(payload) != msg.crc32:
+        raise StreamError("hidden-state payload CRC-32 does not match (corrupted in transport)")
+    return payload

@@ -165,3 +165,38 @@ def test_ldpc_over_bursts_erases_whole_blocks_and_delivers_the_rest() -> None:
     for start, end in res.erased:
         kept[start:end] = data[start:end]
     assert bytes(kept) == data  # everything outside the erased ranges arrived intact
+
+
+@pytest.mark.parametrize("model", ["awgn", "rayleigh"])
+def test_estimated_csi_costs_pilots_and_is_close_to_the_truth(model: str) -> None:
+    """Pilots cost channel uses; the receiver's SNR estimate scatters around the true SNR; equalising with
+    the estimate is a little worse than with the truth (never better on average)."""
+    x = _symbols(1, 4096, seed=4).reshape(-1) / 2 ** 0.5
+    payload = EncodedPayload("analog", [TensorInfo("x", (8192,))], {}, symbols=x.numpy())
+    link = Link()
+    errors = {}
+    for csi in ("perfect", "estimated"):
+        spec = ChannelSpec.create(model, snr_db=10.0, csi=csi, pilots=16)
+        runs = [link.send(spec, payload, torch.Generator().manual_seed(i)) for i in range(20)]
+        errors[csi] = np.mean([np.mean(np.abs(r.payload.symbols - x.numpy()) ** 2) for r in runs])
+        if csi == "estimated":
+            blocks = 1 if model == "awgn" else 4096 // 64
+            assert all(r.pilot_symbols == 16 * blocks and r.symbols == 4096 + 16 * blocks for r in runs)
+            assert abs(np.mean([r.snr_estimate_db for r in runs]) - 10.0) < 1.5
+        else:
+            assert all(r.pilot_symbols == 0 and r.snr_estimate_db == 10.0 for r in runs)
+    assert errors["estimated"] >= 0.95 * errors["perfect"]
+
+
+def test_control_uplink_retransmits_until_its_crc_passes() -> None:
+    link = Link()
+    token = (31999).to_bytes(4, "little")
+    clean = link.send_control(ChannelSpec.create("awgn", snr_db=10.0), token, torch.Generator().manual_seed(0))
+    assert clean.data == token and clean.attempts == 1
+    hard = [link.send_control(ChannelSpec.create("awgn", snr_db=-3.0), token, torch.Generator().manual_seed(i))
+            for i in range(10)]
+    assert all(r.data == token for r in hard) and any(r.attempts > 1 for r in hard)
+    assert all(r.symbols == r.attempts * clean.symbols for r in hard)  # every attempt costs channel uses
+    lost = link.send_control(ChannelSpec.create("awgn", snr_db=-15.0), token, torch.Generator().manual_seed(0),
+                             max_attempts=3)
+    assert lost.data is None and lost.attempts == 3

@@ -252,7 +252,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[StreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[PayloadChunk, _Mapping]] = ..., reference: _Optional[_Union[ReferenceFeatures, _Mapping]] = ..., trailer: _Optional[_Union[StreamTrailer, _Mapping]] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
-    __slots__ = ("session_id", "prompt_ids", "split_layer", "codec", "codec_params", "channel", "max_tokens")
+    __slots__ = ("session_id", "prompt_ids", "split_layer", "codec", "codec_params", "channel", "max_tokens", "csi")
     class CodecParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +267,7 @@ class SessionOpen(_message.Message):
     CODEC_PARAMS_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CSI_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     split_layer: int
@@ -274,7 +275,8 @@ class SessionOpen(_message.Message):
     codec_params: _containers.ScalarMap[str, str]
     channel: ChannelSpec
     max_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., split_layer: _Optional[int] = ..., codec: _Optional[str] = ..., codec_params: _Optional[_Mapping[str, str]] = ..., channel: _Optional[_Union[ChannelSpec, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    csi: ChannelStateInfo
+    def __init__(self, session_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., split_layer: _Optional[int] = ..., codec: _Optional[str] = ..., codec_params: _Optional[_Mapping[str, str]] = ..., channel: _Optional[_Union[ChannelSpec, _Mapping]] = ..., max_tokens: _Optional[int] = ..., csi: _Optional[_Union[ChannelStateInfo, _Mapping]] = ...) -> None: ...
 
 class TokenUp(_message.Message):
     __slots__ = ("position", "token_id")

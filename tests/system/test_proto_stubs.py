@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GENERATED = ["meg_pb2.py", "meg_pb2.pyi", "meg_pb2_grpc.py"]
 
 

@@ -11,7 +11,7 @@ import torch
 
 from device_client.finisher import SplitFinisher
 from models.backends import BatchItem, load_backend
-from test_checkpoint_loaders import build_sd3, build_sdxl
+from tiny_models import build_sd3, build_sdxl
 
 PROMPT = "a red circle"
 
