@@ -359,7 +359,11 @@ function loadRateSamples() {
 async function sampleRate() {
   let text;
   try {
-    const resp = await fetch("/metrics");
+    // Plain fetch, not api(): a failed sample must not pop up the key panel; the key goes along when set.
+    const headers = new Headers();
+    const key = localStorage.getItem(KEY_STORAGE);
+    if (key) headers.set("Authorization", `Bearer ${key}`);
+    const resp = await fetch("/metrics", { headers });
     if (!resp.ok) return;
     text = await resp.text();
   } catch (_) {
