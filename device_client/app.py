@@ -43,7 +43,8 @@ class DeviceConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (off loopback needs MEG_API_KEY)"})
     port: int = field(default=8000, metadata={"help": "REST port"})
     channel: str = field(default="127.0.0.1:50052", metadata={"help": "channel emulator address host:port"})
-    model_dir: Path = field(default_factory=default_model_dir, metadata={"help": "model folder with the decoders"})
+    model_dir: Path = field(default_factory=default_model_dir, metadata={
+        "help": "model folder with the decoders (default: the embedded models/shapes_v1)"})
     device: str = field(default="cpu", metadata={"help": "torch device of the decoders, e.g. cpu or cuda"})
     request_timeout_s: float = field(default=120.0, metadata={"help": "deadline of one request end to end"})
     max_in_flight: int = field(default=64, metadata={"help": "requests served at once before 503"})
