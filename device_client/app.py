@@ -8,6 +8,7 @@ import collections
 import hashlib
 import logging
 import os
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,8 @@ def _add_api_routes(app: FastAPI, state: DeviceState) -> None:
         out, png = answer
         state.images.put(out.id, png)
         owner = key_owner(request.scope.get("state", {}).get("api_key"))
-        state.history.append({**out.model_dump(), "snr_db": out.channel.get("snr_db"), "owner": owner})
+        state.history.append({**out.model_dump(), "snr_db": out.channel.get("snr_db"), "owner": owner,
+                              "finished_at": time.time()})
         return JSONResponse(out.model_dump())
 
 
