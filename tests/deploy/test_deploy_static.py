@@ -375,7 +375,8 @@ def test_compose_stack_contract():
             continue
         assert "healthcheck" in svc, f"{name} has no healthcheck"
         for dep, cond in (svc.get("depends_on") or {}).items():
-            assert cond.get("condition") == "service_healthy", f"{name} -> {dep}: {cond}"
+            wanted = "service_completed_successfully" if dep == "certs" else "service_healthy"
+            assert cond.get("condition") == wanted, f"{name} -> {dep}: {cond}"
     assert services["channel"]["depends_on"].keys() >= {"edge"}
     assert services["device"]["depends_on"].keys() >= {"channel"}
     for name in ("edge", "channel", "device"):
