@@ -85,6 +85,15 @@ def _serve() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, default=None)
     _out(p)
     p.add_argument("--quick", action="store_true", help="16 requests at concurrency 4, 4 steps (a smoke test)")
+    loop = p.add_argument_group("open loop", "--open-loop: Poisson arrivals at a fraction of the capacity, the "
+                                "edge's step scheduler vs request-level batching (bench/results/serve_open_loop.*)")
+    loop.add_argument("--open-loop", action="store_true", help="run the open-loop comparison instead")
+    loop.add_argument("--load", type=float, default=0.7, help="arrival rate as a fraction of the capacity")
+    loop.add_argument("--rate", type=float, default=None, help="fixed arrival rate in req/s (skips the capacity run)")
+    loop.add_argument("--capacity-requests", type=int, default=None, help="default 160; --quick 16")
+    loop.add_argument("--capacity-concurrency", type=int, default=None, help="default 32; --quick 4")
+    loop.add_argument("--seed", type=int, default=0, help="of the arrival times")
+    loop.add_argument("--segments", type=int, default=None, help="parts run in ABBA order (default 4; --quick 2)")
     return p
 
 

@@ -1,5 +1,6 @@
 """Edge batching at full model size: an SD 1.5-sized text encoder + UNet (random weights, built from the
-SD 1.5 configs) served through the real :class:`edge_server.engine.BatchingEngine`, batching off vs on.
+SD 1.5 configs) served through the edge's real step scheduler (:class:`edge_server.scheduler.StepScheduler`),
+batching off vs on.
 
 Run on a GPU machine: ``python -m bench.gpu_batching --device cuda --dtype float16``. Random weights change
 no arithmetic cost, so the timings are those of SD 1.5. Writes ``bench/results/gpu_batching.json`` (or
@@ -50,20 +51,19 @@ def build_sd15_sized(root: Path) -> Path:
     return root
 
 
-async def _serve_burst(engine: object, shape: tuple[int, int, int], n: int, steps: int) -> float:
-    from edge_server.engine import Job
+async def _serve_burst(scheduler: object, shape: tuple[int, int, int], n: int, steps: int) -> float:
+    from edge_server.diffusion import DiffusionJob
 
-    loop = asyncio.get_running_loop()
-    jobs = [Job(f"r{i}", f"a red circle number {i}", i, steps, 7.5, 0, shape, loop, loop.create_future())
-            for i in range(n)]
+    jobs = [DiffusionJob(f"a red circle number {i}", i, steps, 7.5, 0, shape) for i in range(n)]
     start = time.perf_counter()
-    await asyncio.gather(*(engine.submit(j) for j in jobs))
+    await asyncio.gather(*(scheduler.submit(j, f"r{i}") for i, j in enumerate(jobs)))
     return time.perf_counter() - start
 
 
 def run(device: str, dtype_name: str, concurrency: int, steps: int, model_dir: Path) -> dict[str, object]:
-    from edge_server.backends import load_backend
-    from edge_server.engine import BatchingEngine, EngineConfig
+    from edge_server.diffusion import DiffusionStepModel
+    from edge_server.scheduler import SchedulerConfig, StepScheduler
+    from models.backends import load_backend
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     backend = load_backend(model_dir, device=device, dtype=dtype)
@@ -73,12 +73,13 @@ def run(device: str, dtype_name: str, concurrency: int, steps: int, model_dir: P
                                   "dtype": dtype_name, "unet_params": params, "latent_shape": list(shape),
                                   "steps": steps, "concurrency": concurrency, "runs": {}}
     for max_batch in (1, concurrency):
-        engine = BatchingEngine(backend, EngineConfig(max_batch=max_batch, window_ms=20.0, max_queue=4 * concurrency))
-        asyncio.run(_serve_burst(engine, shape, min(2, concurrency), 2))  # warm-up (kernels, allocator)
+        scheduler = StepScheduler(DiffusionStepModel(backend), SchedulerConfig(
+            max_batch=max_batch, window_ms=20.0, max_queue=4 * concurrency), cpu=device == "cpu")
+        asyncio.run(_serve_burst(scheduler, shape, min(2, concurrency), 2))  # warm-up (kernels, allocator)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        seconds = asyncio.run(_serve_burst(engine, shape, concurrency, steps))
-        engine.stop()
+        seconds = asyncio.run(_serve_burst(scheduler, shape, concurrency, steps))
+        scheduler.stop()
         results["runs"][f"max_batch_{max_batch}"] = {"seconds": seconds, "images_per_s": concurrency / seconds}
         log.info("max_batch %d: %d requests × %d steps in %.2f s (%.2f img/s)", max_batch, concurrency, steps,
                  seconds, concurrency / seconds)

@@ -7,7 +7,7 @@
   with no propagation delay and a 10 GHz symbol rate, so the simulated airtime is ~0 and what is measured
   is the software path itself;
 * **monolithic**: the same pipeline loaded in this process with no network and no codec
-  (:func:`edge_server.backends.load_backend` for text encoding + denoising, the device's decoder for
+  (:func:`models.backends.load_backend` for text encoding + denoising, the device's decoder for
   decoding), same prompt, seed, steps, guidance and decoder.
 
 Both run ``--repetitions`` times after ``--warmup`` runs, interleaved (ABAB...) so machine-load drift hits
@@ -65,8 +65,8 @@ class Monolith:
         import torch
 
         from device_client.decoders import DecoderBank
-        from edge_server.backends import load_backend
-        from edge_server.engine import default_cpu_threads
+        from edge_server.scheduler import default_cpu_threads
+        from models.backends import load_backend
 
         self.config = config
         # The thread count the edge computes with (its default), so both sides run the same arithmetic setup.
@@ -78,7 +78,7 @@ class Monolith:
 
     def generate(self) -> tuple[float, Any]:
         """(seconds, image (3, H, W) in [0, 1]) for one request."""
-        from edge_server.backends import BatchItem
+        from models.backends import BatchItem
 
         c = self.config
         started = time.perf_counter()
