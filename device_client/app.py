@@ -28,6 +28,7 @@ from device_client.guard import DeviceGuard
 from device_client.link import DeviceLink, DeviceLinkConfig
 from device_client.schemas import GenerateIn, GenerateOut
 from radio import CHANNELS
+from radio.spec import describe_channel
 from serving.http_adapter import respond
 from telemetry.metrics import MegMetrics
 
@@ -208,7 +209,7 @@ def _add_api_routes(app: FastAPI, state: DeviceState) -> None:
 
     @app.get("/v1/channels")
     async def channels() -> dict[str, Any]:
-        return {"channels": [cls.describe() for cls in CHANNELS.values()]}
+        return {"channels": [describe_channel(name) for name in CHANNELS]}
 
     @app.get("/v1/history")
     async def history(request: Request) -> dict[str, Any]:

@@ -13,8 +13,9 @@ const RATE_WINDOW_MS = 10000;   // each rate point averages the traffic of the l
 const RATE_SPAN_MS = 300000;    // the chart shows at most the last 5 minutes...
 const RATE_MIN_SPAN_MS = 30000; // ...and at least the last 30 s, so a fresh page is not all squeezed up
 const CHART_MAX_REQUESTS = 40;
-// Device counters of what went over the air (Prometheus histograms: *_sum is the running total).
-const BITS_METRIC = "meg_request_bits_sum";
+// Device counters of what went over the air (Prometheus histograms: *_sum is the running total). Payloads are
+// counted in bytes (Prometheus' base unit); the page shows bits.
+const BYTES_METRIC = "meg_request_payload_bytes_sum";
 const SYMBOLS_METRIC = "meg_request_symbols_sum";
 const RATE_SERIES = [
   { key: "bits", label: "bit/s", color: "#2f6fde" },
@@ -370,7 +371,7 @@ async function sampleRate() {
     return;  // the health pill already says the device is unreachable
   }
   const now = Date.now();
-  state.rateSamples.push({ t: now, bits: metricTotal(text, BITS_METRIC), symbols: metricTotal(text, SYMBOLS_METRIC) });
+  state.rateSamples.push({ t: now, bits: 8 * metricTotal(text, BYTES_METRIC), symbols: metricTotal(text, SYMBOLS_METRIC) });
   state.rateSamples = state.rateSamples.filter((s) => s.t >= now - RATE_SPAN_MS - RATE_WINDOW_MS);
   try {
     sessionStorage.setItem(RATE_STORAGE, JSON.stringify(state.rateSamples));
