@@ -93,7 +93,7 @@ def _serve() -> argparse.ArgumentParser:
     loop.add_argument("--capacity-requests", type=int, default=None, help="default 160; --quick 16")
     loop.add_argument("--capacity-concurrency", type=int, default=None, help="default 32; --quick 4")
     loop.add_argument("--seed", type=int, default=0, help="of the arrival times")
-    loop.add_argument("--segments", type=int, default=None, help="parts run in ABBA order (default 4; --quick 2)")
+    loop.add_argument("--segments", type=int, default=None, help="parts run in ABBA order (default 10; --quick 2)")
     return p
 
 

@@ -328,7 +328,7 @@ class OpenLoopConfig:
     max_batch: int = 8
     window_ms: float = 10.0
     seed: int = 0                     # of the arrival times (both policies see the same arrivals)
-    segments: int = 4                 # parts run in ABBA order (see run_open_loop)
+    segments: int = 10                # parts run in ABBA order (see run_open_loop)
     model_dir: Path = field(default_factory=default_model_dir)
     out: Path = RESULTS_DIR
 
@@ -416,6 +416,7 @@ class OpenLoopReport:
     rate_rps: float
     results: list[ModeResult]
     runs: list[SegmentRun] = field(default_factory=list)
+    step_closed_loop: ModeResult | None = None   # the step scheduler in the capacity's closed loop
 
     def by_policy(self, policy: str) -> ModeResult:
         return next(r for r in self.results if r.mode == policy)
@@ -434,19 +435,12 @@ def run_open_loop(config: OpenLoopConfig) -> OpenLoopReport:
     run in ABBA order (request, step, step, request, ...), so drift in the load of a shared machine hits both
     policies alike instead of whichever ran second; each part starts from an idle server.
     """
-    capacity: ModeResult | None = None
     with LocalTestbed(config.model_dir, edge_args=config.edge_args("request")) as request_bed, \
             LocalTestbed(config.model_dir, edge_args=config.edge_args("step")) as step_bed:
         beds = {"request": request_bed, "step": step_bed}
-        rate = config.rate_rps
-        if rate is None:
-            closed = config.serve_config(config.capacity_requests, config.capacity_concurrency)
-            capacity = asyncio.run(measure(request_bed.url, closed, "capacity (request)", config.edge_args("request")))
-            rate = config.load * capacity.throughput_rps
-            log.info("capacity %.3f req/s: arrivals at %.3f req/s", capacity.throughput_rps, rate)
-        for policy, bed in beds.items():
-            if config.warmup:
-                asyncio.run(_warm_up(bed.url, config, policy))
+        closed = _closed_loops(config, beds)
+        rate = config.rate_rps or config.load * closed["request"].throughput_rps
+        log.info("arrivals at %.3f req/s", rate)
         outcomes: dict[str, list[Outcome]] = {p: [] for p in POLICIES}
         runs: list[SegmentRun] = []
         for k, (first, times) in enumerate(segments(poisson_arrivals(config.requests, rate, config.seed),
@@ -460,7 +454,21 @@ def run_open_loop(config: OpenLoopConfig) -> OpenLoopReport:
                 log.info("segment %d, %s scheduler: %d arrivals, mean %.2f s", k, policy, len(times), mean)
     results = [summarise(p, config.edge_args(p), outcomes[p], sum(r.wall_s for r in runs if r.policy == p), 0)
                for p in POLICIES]
-    return OpenLoopReport(config, capacity, rate, results, runs)
+    return OpenLoopReport(config, closed.get("request"), rate, results, runs, closed.get("step"))
+
+
+def _closed_loops(config: OpenLoopConfig, beds: dict[str, LocalTestbed]) -> dict[str, ModeResult]:
+    """The closed loop at ``capacity_concurrency`` on both testbeds (unless a rate is given: then a warm-up).
+    The request-level throughput is the capacity; the step scheduler's is reported beside it, and running it
+    leaves both servers equally warm (every batch size seen) before the open loop."""
+    if config.rate_rps is not None:
+        for policy, bed in beds.items():
+            if config.warmup:
+                asyncio.run(_warm_up(bed.url, config, policy))
+        return {}
+    closed = config.serve_config(config.capacity_requests, config.capacity_concurrency)
+    return {policy: asyncio.run(measure(bed.url, closed, f"closed loop ({policy})", config.edge_args(policy)))
+            for policy, bed in beds.items()}
 
 
 def write_open_loop_outputs(report: OpenLoopReport, env: dict[str, Any]) -> dict[str, Any]:
@@ -481,6 +489,7 @@ def write_open_loop_outputs(report: OpenLoopReport, env: dict[str, Any]) -> dict
                "arrivals_span_s": report.config.requests / report.rate_rps,
                "capacity": asdict(report.capacity) if report.capacity else None,
                "capacity_rps": report.capacity.throughput_rps if report.capacity else None,
+               "step_closed_loop": asdict(report.step_closed_loop) if report.step_closed_loop else None,
                "mean_latency_ratio_step_request": ratio, "goal_ratio": OPEN_LOOP_GOAL,
                "goal_met": (ratio <= OPEN_LOOP_GOAL and all(r.lost == 0 for r in report.results))
                if ratio is not None else None,
@@ -526,6 +535,9 @@ def open_loop_markdown(report: OpenLoopReport, env: dict[str, Any]) -> str:
     source = (f"{c.load:.0%} of the capacity, {cap.throughput_rps:.3f} req/s = closed-loop throughput of "
               f"request-level batching at concurrency {cap.concurrency} ({cap.ok} requests) measured in this run"
               if cap else "a fixed rate (--rate)")
+    step_cap = report.step_closed_loop
+    if step_cap:
+        source += f"; the step scheduler's closed-loop throughput there: {step_cap.throughput_rps:.3f} req/s"
     lines = ["# Serving benchmark, open loop (`meg bench serve --open-loop`)", "",
              f"{c.requests} Poisson arrivals per policy at **{report.rate_rps:.3f} req/s** ({source}); "
              f"{c.size}×{c.size}, {c.steps} steps, codec `{c.codec}`, ideal channel, edge batch ≤ {c.max_batch}, "
@@ -576,7 +588,7 @@ def open_loop_main(args: Any) -> int:
         capacity_concurrency=args.capacity_concurrency or (4 if q else 32), steps=args.steps or (4 if q else 20),
         codec=args.codec, timeout_s=args.timeout_s, warmup=args.warmup if args.warmup is not None else (2 if q else 8),
         max_batch=args.max_batch, window_ms=args.batch_window_ms, seed=args.seed,
-        segments=args.segments or (2 if q else 4), model_dir=args.model_dir or default_model_dir(), out=args.out)
+        segments=args.segments or (2 if q else 10), model_dir=args.model_dir or default_model_dir(), out=args.out)
     summary = write_open_loop_outputs(run_open_loop(config), environment())
     log.info("mean latency step/request: %s (goal ≤ %.2f); wrote %s/serve_open_loop.{csv,json,png,md}",
              summary["mean_latency_ratio_step_request"], OPEN_LOOP_GOAL, config.out)
