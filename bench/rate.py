@@ -11,7 +11,8 @@ reports
 * BD-rate (Bjontegaard) of DT-UFC against no transform for every coder family, and of the FCM baseline,
   whatever its sign: negative means the transform saves rate at equal PSNR.
 
-Writes ``rate.csv``, ``rate.png`` and ``rate.md`` into the output folder (``bench/results`` for a full run, ``bench/results/_tmp/quick`` with ``--quick``).
+Writes ``rate.csv``, ``rate.png`` and ``rate.md`` into the output folder (``bench/results`` for a full run,
+``bench/results/_tmp/quick`` with ``--quick``).
 """
 
 from __future__ import annotations

@@ -221,10 +221,17 @@ class SoakRun:
         async with httpx.AsyncClient(base_url=self.url, timeout=120.0, limits=limits) as client:
             await asyncio.gather(self.sample_rss(end_s), self.inject(client, end_s),
                                  *(self.load(client, w, end_s) for w in range(self.config.concurrency)))
-        for fault in self.faults:
-            after = [s.t_s for s in self.seen if s.outcome == "ok" and s.t_s > fault.at_s + (
-                SPIKE_S if fault.name == "delay spike" else 0.0)]
-            fault.recovery_s = (min(after) - fault.at_s) if after else None
+        recovery_times(self.seen, self.faults)
+
+
+def recovery_times(seen: list[Seen], faults: list[Fault]) -> None:
+    """Per fault: from the fault to the first success of a request *sent* after it (a request already past
+    the edge when the edge dies can still succeed, and says nothing about recovery). A delay spike counts
+    from its end."""
+    for fault in faults:
+        start = fault.at_s + (SPIKE_S if fault.name == "delay spike" else 0.0)
+        after = [s.t_s for s in seen if s.outcome == "ok" and s.t_s - s.latency_s >= start]
+        fault.recovery_s = (min(after) - fault.at_s) if after else None
 
 
 def rss_growth(rss: list[tuple[float, str, int, float]], warmup_s: float) -> dict[str, dict[str, float]]:
@@ -270,7 +277,8 @@ def write_results(run: SoakRun, out: Path) -> None:
     lines = [f"# Soak: {run.config.minutes:g} min at {run.config.concurrency} concurrent requests, injected faults",
              "", "Rerun: `meg bench soak` (`--minutes N` for a shorter run).", "",
              f"Requests {s['requests']}: **{s['ok']} ok, {s['refused']} clean refusals, {s['lost']} lost**.", "",
-             "| fault | at (s) | recovery (s) |", "|---|---|---|"]
+             "| fault | at (s) | recovery (s): to the first success of a request sent after the fault |",
+             "|---|---|---|"]
     lines += [f"| {f['name']} | {f['at_s']:.0f} | {_seconds(f['recovery_s'])} |" for f in s["faults"]]
     lines += ["", f"| service | RSS after warm-up (MB) | at the end (MB) | growth (goal ≤ {GOAL_RSS_GROWTH:.0%}) |",
               "|---|---|---|---|"]

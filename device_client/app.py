@@ -8,6 +8,7 @@ import collections
 import hashlib
 import logging
 import os
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from device_client.guard import DeviceGuard
 from device_client.link import DeviceLink, DeviceLinkConfig
 from device_client.schemas import GenerateIn, GenerateOut
 from radio import CHANNELS
+from radio.spec import describe_channel
 from serving.http_adapter import respond
 from telemetry.metrics import MegMetrics
 
@@ -43,7 +45,8 @@ class DeviceConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (off loopback needs MEG_API_KEY)"})
     port: int = field(default=8000, metadata={"help": "REST port"})
     channel: str = field(default="127.0.0.1:50052", metadata={"help": "channel emulator address host:port"})
-    model_dir: Path = field(default_factory=default_model_dir, metadata={"help": "model folder with the decoders"})
+    model_dir: Path = field(default_factory=default_model_dir, metadata={
+        "help": "model folder with the decoders (default: the embedded models/shapes_v1)"})
     device: str = field(default="cpu", metadata={"help": "torch device of the decoders, e.g. cpu or cuda"})
     request_timeout_s: float = field(default=120.0, metadata={"help": "deadline of one request end to end"})
     max_in_flight: int = field(default=64, metadata={"help": "requests served at once before 503"})
@@ -206,7 +209,7 @@ def _add_api_routes(app: FastAPI, state: DeviceState) -> None:
 
     @app.get("/v1/channels")
     async def channels() -> dict[str, Any]:
-        return {"channels": [cls.describe() for cls in CHANNELS.values()]}
+        return {"channels": [describe_channel(name) for name in CHANNELS]}
 
     @app.get("/v1/history")
     async def history(request: Request) -> dict[str, Any]:
@@ -230,7 +233,8 @@ def _add_api_routes(app: FastAPI, state: DeviceState) -> None:
         out, png = answer
         state.images.put(out.id, png)
         owner = key_owner(request.scope.get("state", {}).get("api_key"))
-        state.history.append({**out.model_dump(), "snr_db": out.channel.get("snr_db"), "owner": owner})
+        state.history.append({**out.model_dump(), "snr_db": out.channel.get("snr_db"), "owner": owner,
+                              "finished_at": time.time()})
         return JSONResponse(out.model_dump())
 
 

@@ -89,7 +89,7 @@ class SchedulerConfig:
     max_queue: int = field(default=64, metadata={"help": "waiting requests beyond which new ones are refused"})
     cpu_threads: int = field(default=0, metadata={
         "help": "torch intra-op threads of the compute worker on CPU (0: one fewer than the cores)"})
-    policy: str = field(default=Policy.STEP.value, metadata={
+    policy: str = field(default="step", metadata={  # a literal: `meg --help` reads defaults from source
         "help": "step: requests join and leave the batch at every denoising step; request: a batch runs to "
                 "completion before new requests join"})
 

@@ -67,7 +67,7 @@ class EdgeConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     engine: SchedulerConfig = field(default_factory=SchedulerConfig)
     grace_s: float = field(default=10.0, metadata={"help": "seconds to drain in-flight work at shutdown"})
-    max_pixel_steps: int = field(default=DEFAULT_MAX_PIXEL_STEPS, metadata={
+    max_pixel_steps: int = field(default=512 * 512 * 50, metadata={
         "help": "per-request compute budget, height × width × steps (default: 512×512 at 50 steps)"})
     insecure_grpc: bool = field(default=False, metadata={
         "help": "serve plaintext gRPC off loopback (default: refused without --tls-dir)"})

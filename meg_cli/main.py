@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from meg_cli.options import ConfigField, add_option, add_options, build, fields_from_source, given, to_argv
-from telemetry.logs import configure_logging
+from telemetry.logs import configure_logging, quiet_known_warnings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -462,7 +462,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     t = out["timings_ms"]
-    print(f"saved {args.output} ({out['width']}x{out['height']}) codec={out['codec']} channel={out['channel']['model']}")
+    print(f"saved {args.output} ({out['width']}x{out['height']}) codec={out['codec']} "
+          f"channel={out['channel']['model']}")
     print(f"bits sent {out['bits_sent']}  symbols {out['symbols_sent']}  airtime {out['airtime_ms']:.3f} ms  "
           f"bit errors {out['bit_errors']}" + ("  (payload lost: concealed)" if out.get("concealed") else ""))
     print(f"timings ms: edge {t['edge']:.1f}  encode {t['encode']:.1f}  channel {t['channel']:.1f}  "
@@ -523,6 +524,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_train(argv: list[str]) -> int:
     from models.train import main as train_main
 
+    quiet_known_warnings()
     return train_main(argv)
 
 
@@ -533,6 +535,7 @@ def cmd_bench(which: str, argv: list[str]) -> int:
 
     build_parser(which).parse_args(argv)  # --help and bad arguments are answered before torch loads
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up (testbed, temporary folders) as Ctrl-C does
+    quiet_known_warnings()
     try:
         module = importlib.import_module(f"bench.{which}")
         return int(module.main(argv) or 0)

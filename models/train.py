@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults live in models.stages.evaluate (importing it here would load torch for --help).
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="evaluate: classifier-free guidance (default: the evaluate stage's)")
-    p.add_argument("--sampling-steps", type=int, default=None, help="evaluate: DDIM steps (default: the evaluate stage's)")
+    p.add_argument("--sampling-steps", type=int, default=None,
+                   help="evaluate: DDIM steps (default: the evaluate stage's)")
     return p
 
 

@@ -135,3 +135,17 @@ def schema_fields() -> dict[str, list[Any]]:
     for spec in field_specs(LinkParams):
         out[spec.name] = [spec, list(CHANNELS)]
     return out
+
+
+#: Link parameters that only matter when the channel can corrupt symbols (receiver CSI) or that choose the
+#: digital transceiver, which a noiseless channel makes moot except for airtime.
+NOISY_LINK_FIELDS = ("modulation", "fec", "code_rate", "csi", "pilots", "feedback_delay_ms")
+
+
+def describe_channel(model: str) -> dict[str, Any]:
+    """What ``GET /v1/channels`` lists for ``model``: its own parameters, then the link's that apply to it."""
+    block = CHANNELS.get(model)
+    entry = block.describe()
+    link = [s.name for s in field_specs(LinkParams) if not (block.noiseless and s.name in NOISY_LINK_FIELDS)]
+    entry["parameters"] = entry["parameters"] + link
+    return entry

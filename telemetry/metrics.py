@@ -31,7 +31,7 @@ METRIC_NAMES = (
     "meg_request_symbols",
     "meg_rate_capacity_ratio",
     "meg_image_psnr_db",
-    "meg_image_ms_ssim",
+    "meg_image_msssim",
     "meg_requests_in_flight",
     "meg_queue_depth",
     "meg_errors_total",
@@ -82,7 +82,7 @@ class MegMetrics:
             "meg_image_psnr_db", "PSNR of the received image against the clean decode",
             _REQUEST_LABELS, buckets=PSNR_BUCKETS, registry=r)
         self.image_ms_ssim = Histogram(
-            "meg_image_ms_ssim", "MS-SSIM of the received image against the clean decode",
+            "meg_image_msssim", "MS-SSIM of the received image against the clean decode",
             _REQUEST_LABELS, buckets=SSIM_BUCKETS, registry=r)
         self.in_flight = Gauge(
             "meg_requests_in_flight", "Requests being served now", ("service",), registry=r)

@@ -18,7 +18,7 @@ from tiny_models import build_tiny_ldm  # noqa: E402
 
 
 #: Fixtures that start service processes: a test using one is a multi-process test, marked ``slow``.
-MULTI_PROCESS_FIXTURES = frozenset({"testbed", "fresh_testbed", "meg_up"})
+MULTI_PROCESS_FIXTURES = frozenset({"testbed", "fresh_testbed", "meg_up", "up_run"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

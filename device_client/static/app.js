@@ -1,11 +1,26 @@
-// MEG device dashboard: a prompt form over POST /v1/generate and canvas charts of GET /v1/history.
-// Plain JS, no libraries: the device serves this page offline.
+// MEG device dashboard: a prompt form over POST /v1/generate, canvas charts of GET /v1/history, and the
+// throughput over time from the device's /metrics counters. Plain JS, no libraries: the device serves this
+// page offline.
 "use strict";
 
 const KEY_STORAGE = "meg.apiKey";
+const LAST_RESULT_STORAGE = "meg.lastResultId";   // the result this browser last showed (localStorage)
+const RATE_STORAGE = "meg.rateSamples";           // throughput samples, kept across reloads (sessionStorage)
 const HISTORY_POLL_MS = 5000;
 const HEALTH_POLL_MS = 10000;
+const RATE_POLL_MS = 2000;
+const RATE_WINDOW_MS = 10000;   // each rate point averages the traffic of the last 10 s, like rate(x[10s])
+const RATE_SPAN_MS = 300000;    // the chart shows at most the last 5 minutes...
+const RATE_MIN_SPAN_MS = 30000; // ...and at least the last 30 s, so a fresh page is not all squeezed up
 const CHART_MAX_REQUESTS = 40;
+// Device counters of what went over the air (Prometheus histograms: *_sum is the running total). Payloads are
+// counted in bytes (Prometheus' base unit); the page shows bits.
+const BYTES_METRIC = "meg_request_payload_bytes_sum";
+const SYMBOLS_METRIC = "meg_request_symbols_sum";
+const RATE_SERIES = [
+  { key: "bits", label: "bit/s", color: "#2f6fde" },
+  { key: "symbols", label: "channel uses/s", color: "#e08a1e" },
+];
 
 // Latency stages of timings_ms, in pipeline order; "other" is total minus the named stages (REST, gRPC, queues).
 const STAGES = [
@@ -25,6 +40,9 @@ const state = {
   codecs: [],          // from GET /v1/codecs
   channels: [],        // from GET /v1/channels
   history: [],         // from GET /v1/history
+  rateSamples: [],     // [{t, bits, symbols}]: device counters sampled every RATE_POLL_MS
+  resultShown: false,
+  submitting: false,
   codecColors: new Map(),
   imageObjectUrl: null,
 };
@@ -124,8 +142,8 @@ async function loadCatalogue() {
     fillSelect($("channel"), state.channels.map((c) => c.name), "awgn");
     onCodecChange();
     onChannelChange();
+    await refreshHistory();  // restores the latest result after a reload, before the page says it is ready
     document.body.dataset.ready = "true";
-    await refreshHistory();
   } catch (err) {
     showError(`Could not load codecs and channels: ${err.message}`);
   }
@@ -141,6 +159,27 @@ function onChannelChange() {
   const noisy = Boolean(channel && channel.parameters.includes("snr_db"));
   $("snr").disabled = !noisy;
   $("snr-range").disabled = !noisy;
+  onLinkChange();
+}
+
+// Which link controls apply: the channel model's parameters (GET /v1/channels), and modulation / FEC only
+// for digital payloads (an analog codec sends its features as analog symbols).
+function onLinkChange() {
+  const channel = state.channels.find((c) => c.name === $("channel").value);
+  const params = channel ? channel.parameters : [];
+  const codec = state.codecs.find((c) => c.name === $("codec").value);
+  const digital = !codec || codec.kind !== "analog";
+  $("bandwidth").disabled = !params.includes("bandwidth_hz");
+  $("delay").disabled = !params.includes("delay_ms");
+  const modulated = params.includes("modulation") && digital;
+  $("modulation").disabled = !modulated;
+  $("fec").disabled = !modulated;
+  $("code-rate").disabled = !modulated || $("fec").value !== "ldpc";
+  let hint = "";
+  if (!digital) hint = "Analog codec: the features go over the air as analog symbols; modulation and FEC apply to digital payloads.";
+  else if (!params.includes("modulation")) hint = "An ideal channel delivers every bit: no modulation or FEC to choose.";
+  else if ($("fec").value === "none") hint = "Uncoded: one flipped bit can make the payload undecodable (the device then conceals it).";
+  $("link-hint").textContent = hint;
 }
 
 function optionalNumber(id) {
@@ -151,6 +190,13 @@ function optionalNumber(id) {
 function requestBody() {
   const channel = { model: $("channel").value };
   if (!$("snr").disabled) channel.snr_db = Number($("snr").value);
+  const bandwidth = optionalNumber("bandwidth");
+  const delay = optionalNumber("delay");
+  if (bandwidth !== undefined && !$("bandwidth").disabled) channel.bandwidth_hz = bandwidth;
+  if (delay !== undefined && !$("delay").disabled) channel.delay_ms = delay;
+  if (!$("modulation").disabled && $("modulation").value) channel.modulation = $("modulation").value;
+  if (!$("fec").disabled) channel.fec = $("fec").value;
+  if (!$("code-rate").disabled && $("code-rate").value) channel.code_rate = Number($("code-rate").value);
   const body = { prompt: $("prompt").value, codec: $("codec").value, channel, reference: $("reference").checked };
   const seed = optionalNumber("seed");
   const steps = optionalNumber("steps");
@@ -164,6 +210,7 @@ function requestBody() {
 async function onSubmit(ev) {
   ev.preventDefault();
   hideError();
+  state.submitting = true;
   $("submit").disabled = true;
   $("busy").hidden = false;
   try {
@@ -177,9 +224,11 @@ async function onSubmit(ev) {
   } catch (err) {
     showError(err.message);
   } finally {
+    state.submitting = false;
     $("submit").disabled = false;
     $("busy").hidden = true;
     refreshHistory();
+    sampleRate();
   }
 }
 
@@ -188,26 +237,46 @@ async function onSubmit(ev) {
 const fmtInt = (n) => Math.round(n).toLocaleString("en-US");
 const fmtMs = (n) => `${n.toFixed(1)} ms`;
 
+function fmtLink(ch) {
+  const parts = [];
+  if (Number.isFinite(ch.bandwidth_hz)) parts.push(`${shortNumber(ch.bandwidth_hz)} symbols/s`);
+  if (Number.isFinite(ch.delay_ms)) parts.push(`delay ${+Number(ch.delay_ms).toFixed(3)} ms`);
+  if (ch.modulation) parts.push(ch.modulation + (ch.fec === "ldpc" ? " + LDPC" : ""));
+  return parts.join(" · ");
+}
+
 function stageValues(timings) {
   const named = STAGES.filter((s) => s.key !== "other").map((s) => Math.max(0, timings[s.key] || 0));
   const other = Math.max(0, timings.total - named.reduce((a, b) => a + b, 0));
   return [...named, other];
 }
 
-async function showResult(out) {
+async function showResult(out, restored = false) {
   // Images need the API key too, so fetch the PNG and show it from a blob URL rather than a plain <img src>.
-  const png = await (await api(out.image_url)).blob();
-  if (state.imageObjectUrl) URL.revokeObjectURL(state.imageObjectUrl);
-  state.imageObjectUrl = URL.createObjectURL(png);
   const img = $("result-image");
+  let kept = true;
+  try {
+    const png = await (await api(out.image_url)).blob();
+    if (state.imageObjectUrl) URL.revokeObjectURL(state.imageObjectUrl);
+    state.imageObjectUrl = URL.createObjectURL(png);
+    img.src = state.imageObjectUrl;
+  } catch (err) {
+    if (!restored || err.status !== 404) throw err;
+    kept = false;  // an old result from the history: the device keeps a bounded number of images
+    img.removeAttribute("src");
+  }
   img.dataset.id = out.id;
-  img.src = state.imageObjectUrl;
+  state.resultShown = true;
+  localStorage.setItem(LAST_RESULT_STORAGE, out.id);
+  $("result").dataset.restored = String(restored);
   $("result-caption").textContent = `${out.width}×${out.height} · seed ${out.seed} · ${out.steps} steps · ` +
-    `guidance ${out.guidance_scale} · decoder ${out.decoder}`;
+    `guidance ${out.guidance_scale} · decoder ${out.decoder}` + (restored ? " · from the history" : "") +
+    (kept ? "" : " · image no longer kept by the device");
 
   const ch = out.channel;
   $("out-codec").textContent = out.codec;
   $("out-channel").textContent = ch.snr_db !== undefined ? `${ch.model} @ ${Number(ch.snr_db).toFixed(1)} dB` : ch.model;
+  $("out-link").textContent = fmtLink(ch);
   $("out-bits").textContent = fmtInt(out.bits_sent);
   $("out-symbols").textContent = fmtInt(out.symbols_sent);
   $("out-airtime").textContent = `${out.airtime_ms.toFixed(3)} ms`;
@@ -254,6 +323,130 @@ async function refreshHistory() {
   $("history-count").textContent = `(${state.history.length} in memory, charts show the last ` +
     `${Math.min(state.history.length, CHART_MAX_REQUESTS)})`;
   drawCharts();
+  if (!state.resultShown && !state.submitting && state.history.length > 0) await restoreLatestResult();
+}
+
+// After a reload: show the result this browser showed last when the device still holds it, else the newest.
+async function restoreLatestResult() {
+  const lastId = localStorage.getItem(LAST_RESULT_STORAGE);
+  const entry = state.history.find((r) => r.id === lastId) || state.history[state.history.length - 1];
+  try {
+    await showResult(entry, true);
+  } catch (err) {
+    console.warn("could not restore the latest result:", err.message);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ throughput
+
+// The total of one metric over all its label sets in a Prometheus text exposition (0 when absent).
+function metricTotal(text, name) {
+  let total = 0;
+  for (const line of text.split("\n")) {
+    if (!line.startsWith(name) || !"{ ".includes(line.charAt(name.length))) continue;
+    const value = Number(line.slice(line.lastIndexOf(" ") + 1));
+    if (Number.isFinite(value)) total += value;
+  }
+  return total;
+}
+
+function loadRateSamples() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(RATE_STORAGE) || "[]");
+    if (Array.isArray(saved)) state.rateSamples = saved.filter((s) => Number.isFinite(s.t));
+  } catch (_) { /* a corrupt entry: start afresh */ }
+}
+
+async function sampleRate() {
+  let text;
+  try {
+    // Plain fetch, not api(): a failed sample must not pop up the key panel; the key goes along when set.
+    const headers = new Headers();
+    const key = localStorage.getItem(KEY_STORAGE);
+    if (key) headers.set("Authorization", `Bearer ${key}`);
+    const resp = await fetch("/metrics", { headers });
+    if (!resp.ok) return;
+    text = await resp.text();
+  } catch (_) {
+    return;  // the health pill already says the device is unreachable
+  }
+  const now = Date.now();
+  state.rateSamples.push({ t: now, bits: 8 * metricTotal(text, BYTES_METRIC), symbols: metricTotal(text, SYMBOLS_METRIC) });
+  state.rateSamples = state.rateSamples.filter((s) => s.t >= now - RATE_SPAN_MS - RATE_WINDOW_MS);
+  try {
+    sessionStorage.setItem(RATE_STORAGE, JSON.stringify(state.rateSamples));
+  } catch (_) { /* storage full or disabled: the chart still works until a reload */ }
+  drawRate();
+}
+
+function pollRate() {
+  if (!document.hidden) sampleRate();
+  setTimeout(pollRate, RATE_POLL_MS);
+}
+
+// Rates per second at each sample: the counters' increase over the trailing window, divided by its length.
+// A counter that went down was reset (the device restarted): its increase is then its new value.
+function rateSeries(samples) {
+  const increases = samples.map((s, i) => {
+    if (i === 0) return { bits: 0, symbols: 0 };
+    const p = samples[i - 1];
+    return Object.fromEntries(RATE_SERIES.map(({ key }) => [key, s[key] >= p[key] ? s[key] - p[key] : s[key]]));
+  });
+  const points = [];
+  for (let i = 1; i < samples.length; i++) {
+    let j = i - 1;
+    while (j > 0 && samples[j].t > samples[i].t - RATE_WINDOW_MS) j--;
+    const seconds = (samples[i].t - samples[j].t) / 1000;
+    if (!(seconds > 0)) continue;
+    const point = { t: samples[i].t };
+    for (const { key } of RATE_SERIES) {
+      let sum = 0;
+      for (let k = j + 1; k <= i; k++) sum += increases[k][key];
+      point[key] = sum / seconds;
+    }
+    points.push(point);
+  }
+  return points;
+}
+
+function drawRate() {
+  const canvas = $("chart-rate");
+  const { ctx, box } = prepareCanvas(canvas);
+  const now = Date.now();
+  const points = rateSeries(state.rateSamples).filter((p) => p.t >= now - RATE_SPAN_MS);
+  const last = state.rateSamples[state.rateSamples.length - 1];
+  canvas.dataset.totalBits = last ? String(last.bits) : "";
+  canvas.dataset.totalSymbols = last ? String(last.symbols) : "";
+  if (points.length === 0) {
+    drawEmpty(canvas, ctx, box);
+    ctx.fillText("(sampling the device's counters…)", box.x + box.w / 2, box.y + box.h / 2 + 16);
+    return;
+  }
+  const top = Math.max(...points.flatMap((p) => RATE_SERIES.map(({ key }) => p[key])), 1);
+  const y = drawYAxis(ctx, box, niceTicks(0, top), "per second");
+  const span = Math.min(RATE_SPAN_MS, Math.max(RATE_MIN_SPAN_MS, now - points[0].t));
+  const x = (t) => box.x + box.w * (1 - (now - t) / span);
+  ctx.fillStyle = AXIS_INK;
+  ctx.textAlign = "center";
+  ctx.textBaseline = "top";
+  const ticks = niceTicks(0, span / 1000, 4).filter((s) => s <= span / 1000);
+  for (const s of ticks) ctx.fillText(s ? `-${s} s` : "now", x(now - s * 1000), box.y + box.h + 4);
+  for (const { key, color } of RATE_SERIES) {
+    ctx.strokeStyle = color;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    points.forEach((p, i) => (i ? ctx.lineTo(x(p.t), y(p[key])) : ctx.moveTo(x(p.t), y(p[key]))));
+    ctx.stroke();
+  }
+  ctx.lineWidth = 1;
+  canvas.dataset.points = String(points.length);
+  for (const { key } of RATE_SERIES) {
+    const name = key[0].toUpperCase() + key.slice(1);
+    canvas.dataset[`max${name}`] = String(Math.max(...points.map((p) => p[key])));
+    canvas.dataset[`now${name}`] = String(points[points.length - 1][key]);
+  }
+  $("rate-legend").replaceChildren(...RATE_SERIES.map(({ key, label, color }) =>
+    legendItem(color, `${label}: now ${shortNumber(+points[points.length - 1][key].toPrecision(3))}`)));
 }
 
 function pollHistory() {
@@ -424,8 +617,9 @@ function drawCharts() {
   drawBars($("chart-latency"),
     recent.map((r) => stageValues(r.timings_ms).map((v, i) => [v, STAGES[i].color])),
     "ms", "request (oldest → newest)");
-  drawBars($("chart-bits"), recent.map((r) => [[r.bits_sent, codecColor(r.codec)]]),
-    "bits", "request (oldest → newest)");
+  // Channel uses, not bits: every request has them (an analog or JSCC request sends symbols and no bits).
+  drawBars($("chart-symbols"), recent.map((r) => [[r.symbols_sent, codecColor(r.codec)]]),
+    "symbols", "request (oldest → newest)");
   drawQuality($("chart-quality"), recent);
   const used = [...new Set(recent.map((r) => r.codec))];
   $("stage-legend").replaceChildren(...STAGES.map((s) => legendItem(s.color, s.label)));
@@ -439,8 +633,9 @@ function drawCharts() {
 
 function start() {
   setupKeyPanel();
-  $("codec").addEventListener("change", onCodecChange);
+  $("codec").addEventListener("change", () => { onCodecChange(); onLinkChange(); });
   $("channel").addEventListener("change", onChannelChange);
+  $("fec").addEventListener("change", onLinkChange);
   $("snr-range").addEventListener("input", () => { $("snr").value = $("snr-range").value; });
   $("snr").addEventListener("input", () => { $("snr-range").value = $("snr").value; });
   $("gen-form").addEventListener("submit", onSubmit);
@@ -450,11 +645,14 @@ function start() {
   let resizeTimer = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizeTimer);
-    resizeTimer = setTimeout(drawCharts, 150);
+    resizeTimer = setTimeout(() => { drawCharts(); drawRate(); }, 150);
   });
+  loadRateSamples();
   drawCharts();
+  drawRate();
   loadCatalogue();
   pollHealth();
+  pollRate();
   setTimeout(pollHistory, HISTORY_POLL_MS);
 }
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
@@ -365,10 +365,18 @@ def test_compose_config_gpu_override():
 def test_compose_stack_contract():
     services = yaml.safe_load(compose_config(COMPOSE).stdout)["services"]
     assert {"edge", "channel", "device", "prometheus", "grafana"} <= set(services)
+    # The one-shot certificate maker runs to completion before the services start; all else is long-lived.
+    assert services["edge"]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    for name in ("edge", "channel", "device"):
+        assert services[name]["command"][-2:] == ["--tls-dir", "/certs"], name
+        assert "meg-certs:/certs:ro" in services[name]["volumes"], name
     for name, svc in services.items():
+        if name == "certs":
+            continue
         assert "healthcheck" in svc, f"{name} has no healthcheck"
         for dep, cond in (svc.get("depends_on") or {}).items():
-            assert cond.get("condition") == "service_healthy", f"{name} -> {dep}: {cond}"
+            wanted = "service_completed_successfully" if dep == "certs" else "service_healthy"
+            assert cond.get("condition") == wanted, f"{name} -> {dep}: {cond}"
     assert services["channel"]["depends_on"].keys() >= {"edge"}
     assert services["device"]["depends_on"].keys() >= {"channel"}
     for name in ("edge", "channel", "device"):
@@ -516,8 +524,14 @@ def test_k8s_fleet_contract():
     assert edge["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "cuda" in edge["args"]
     for name, port in (("edge", 50051), ("channel", 50052)):
+        assert container(name)["args"][-2:] == ["--tls-dir", "/tls"]
         for probe in ("livenessProbe", "readinessProbe"):
-            assert container(name)[probe]["grpc"]["port"] == port, (name, probe)
+            # mutual TLS on the port: an exec probe with the certificates (kubelet's gRPC probe is plaintext)
+            assert container(name)[probe]["exec"]["command"] == ["meg", "probe", "--grpc", f"127.0.0.1:{port}",
+                                                                 "--tls-dir", "/tls"], (name, probe)
+    for name in ("edge", "channel", "device"):
+        spec = deployments[name]["spec"]["template"]["spec"]
+        assert {"name": "tls", "secret": {"secretName": "meg-tls", "defaultMode": 0o440}} in spec["volumes"], name
     assert container("device")["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert "httpGet" in container("device")["livenessProbe"]
 

@@ -84,7 +84,8 @@ def test_meg_up_passes_every_service_option_to_its_service() -> None:
         "--batch-window-ms", "3", "--dtype", "float16", "--grace-s", "4", "--channel-grace-s", "6",
         "--model-dir", "/m", "--max-images", "7", "--default-codec", "uint8", "--request-timeout-s", "9"])
     edge, channel, device = configs["edge"], configs["channel"], configs["device"]
-    assert (edge.port, edge.device, edge.dtype, edge.grace_s, edge.model_dir) == (6001, "cuda", "float16", 4.0, Path("/m"))
+    assert (edge.port, edge.device, edge.dtype, edge.grace_s, edge.model_dir) == \
+        (6001, "cuda", "float16", 4.0, Path("/m"))
     assert (edge.engine.max_queue, edge.engine.cpu_threads, edge.engine.window_ms) == (5, 2, 3.0)
     assert (channel.port, channel.edge, channel.grace_s) == (6002, "127.0.0.1:6001", 6.0)
     assert (device.port, device.channel, device.device, device.model_dir) == (6003, "127.0.0.1:6002", "cpu", Path("/m"))
@@ -215,6 +216,30 @@ def test_a_bench_testbed_removes_its_temporary_log_folder(tmp_path: Path) -> Non
     kept.start_service("edge")
     kept.down()
     assert (tmp_path / "edge.log").is_file()
+
+
+def test_a_bench_testbed_interrupted_while_starting_leaves_nothing_behind() -> None:
+    from bench.testbed import LocalTestbed
+
+    started: list[subprocess.Popen] = []
+    folders: list[Path] = []
+
+    class Interrupted(LocalTestbed):
+        def command(self, name: str) -> list[str]:
+            return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+        def start_service(self, name: str) -> None:
+            super().start_service(name)
+            started.append(self.procs[name])
+            folders.append(self.log_dir)
+
+        def wait_healthy(self, timeout: float | None = None) -> None:
+            raise KeyboardInterrupt  # Ctrl-C while the services start
+
+    with pytest.raises(KeyboardInterrupt):
+        Interrupted().up()
+    assert len(started) == 3 and all(p.poll() is not None for p in started)
+    assert folders and not any(f.exists() for f in folders)
 
 
 def test_supervisor_backoff_doubles_to_its_cap_and_resets_after_a_healthy_run() -> None:
