@@ -15,7 +15,7 @@ from bench import rate as rate_bench
 from bench import snr as snr_bench
 from codec.jscc import PACKAGE_WEIGHTS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = pytest.mark.skipif(not (REPO / "models" / "shapes_v1" / "metrics.json").is_file(),
