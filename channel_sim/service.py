@@ -81,20 +81,13 @@ class EdgeUpstream:
     async def fetch(self, request: meg_pb2.GenerateRequest, timeout_s: float) -> framing.ReceivedStream:
         """The edge's whole stream for ``request``; upstream failures become :class:`RequestError`."""
         call = self._stub.Generate(request, timeout=timeout_s)
-        assembler = framing.StreamAssembler()
         try:
-            async for frame in call:
-                assembler.add(frame)
-            return assembler.finish()
+            return await framing.assemble_call(call)
         except grpc.aio.AioRpcError as exc:
             raise await _upstream_error(call, exc) from exc
         except framing.StreamError as exc:
-            call.cancel()
             raise RequestError(Status.BAD_STREAM, f"edge sent a bad stream: {exc}", label="bad_upstream_stream") \
                 from exc
-        except BaseException:
-            call.cancel()  # the caller went away: stop the edge's work too
-            raise
 
     async def close(self) -> None:
         await self._channel.close()

@@ -66,28 +66,24 @@ class DeviceLink:
     async def generate(self, request: meg_pb2.GenerateRequest, timeout_s: float) -> framing.ReceivedStream:
         """Run one request end to end; raises :class:`LinkError` (never a raw gRPC error)."""
         call = self._stub.Generate(request, timeout=timeout_s)
-        assembler = framing.StreamAssembler()
         try:
-            async for frame in call:
-                assembler.add(frame)
-            return assembler.finish()
+            return await framing.assemble_call(call)
         except grpc.aio.AioRpcError as exc:
-            http, kind = _STATUS_MAP.get(exc.code(), (502, "upstream_error"))
-            retry = None
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                retry = dict(exc.initial_metadata() or ()).get("retry-after", "1")
-            elif exc.code() == grpc.StatusCode.UNAVAILABLE:
-                retry = UNAVAILABLE_RETRY_AFTER_S  # a restarting service: `meg up` brings it back in seconds
-            details = exc.details() or exc.code().name
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and "edge" not in details:
-                details = f"channel emulator unreachable at {self.config.target}: {details}"
-            raise LinkError(http, details, kind, retry) from exc
+            raise self._link_error(exc) from exc
         except framing.StreamError as exc:
-            call.cancel()
             raise LinkError(502, f"corrupted or truncated stream: {exc}", "bad_stream") from exc
-        except BaseException:
-            call.cancel()  # the REST client went away: cancel the work upstream
-            raise
+
+    def _link_error(self, exc: grpc.aio.AioRpcError) -> LinkError:
+        http, kind = _STATUS_MAP.get(exc.code(), (502, "upstream_error"))
+        retry = None
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            retry = dict(exc.initial_metadata() or ()).get("retry-after", "1")
+        elif exc.code() == grpc.StatusCode.UNAVAILABLE:
+            retry = UNAVAILABLE_RETRY_AFTER_S  # a restarting service: `meg up` brings it back in seconds
+        details = exc.details() or exc.code().name
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and "edge" not in details:
+            details = f"channel emulator unreachable at {self.config.target}: {details}"
+        return LinkError(http, details, kind, retry)
 
     async def health(self) -> tuple[bool, str]:
         """(healthy, reason): the channel emulator and, through it, the edge."""

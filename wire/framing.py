@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import numpy as np
 import torch
@@ -204,6 +204,21 @@ class StreamAssembler:
             out[info.name] = torch.from_numpy(np.frombuffer(blob[pos:pos + n], "<f4").reshape(info.shape).copy())
             pos += n
         return out
+
+
+async def assemble_call(call: AsyncIterator[meg_pb2.GenerateResponse]) -> ReceivedStream:
+    """Reassemble a whole response stream (a gRPC call's frames). A stream that breaks the rules raises
+    :class:`StreamError`; whatever ends the wait early (a bad stream, the caller going away) cancels the call,
+    so the work upstream stops too. gRPC errors propagate as they are."""
+    assembler = StreamAssembler()
+    try:
+        async for frame in call:
+            assembler.add(frame)
+        return assembler.finish()
+    except BaseException:
+        # A bad stream or a caller that went away: stop the work upstream (a no-op for a call that failed).
+        call.cancel()  # type: ignore[attr-defined]
+        raise
 
 
 # ------------------------------------------------------------------------------ LLM session messages
