@@ -238,7 +238,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
     configure_logging("edge", args.log_level)  # first: it silences warnings the imports below would print
     import asyncio
 
-    from edge_server.backends import ModelFolderError
+    from models.backends import ModelFolderError
     from edge_server.service import EdgeConfig, serve
 
     try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from device_client.decoders import DecoderBank, DecoderUnavailableError
-from edge_server.backends import BatchItem, ModelFolderError, detect_family, load_backend
+from models.backends import BatchItem, ModelFolderError, detect_family, load_backend
 from tiny_models import build_sd3, build_sdxl
 
 

@@ -131,7 +131,7 @@ def test_smoke_run_writes_every_component(smoke_family: tuple[Path, Path]) -> No
 
 def test_smoke_family_loads_through_the_service_loaders(smoke_family: tuple[Path, Path]) -> None:
     from device_client.decoders import DecoderBank
-    from edge_server.backends import BatchItem, load_backend
+    from models.backends import BatchItem, load_backend
 
     out, _ = smoke_family
     backend = load_backend(out)
@@ -207,7 +207,7 @@ def test_committed_family_generates_through_the_edge_and_device_loaders() -> Non
     """The edge backend and the reference sampler agree, and the device's decoders give images the
     family's own classifier recognises (colour and background; shape is the weakest attribute)."""
     from device_client.decoders import DecoderBank
-    from edge_server.backends import BatchItem, load_backend
+    from models.backends import BatchItem, load_backend
     from models.classifier import ShapesClassifier
     from models.sampling import generate_latents
 
