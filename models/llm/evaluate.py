@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from models.llm.loader import LoadedLlm, load_llm
 from models.llm.model import count_parameters
 from models.llm.split import DeviceHalf, EdgeHalf, split_generate
-from models.llm.tasks import answer_accuracy, heldout_prompts, hf_generate_fn, split_generate_fn
+from models.llm.tasks import PER_KIND, answer_accuracy, heldout_prompts, hf_generate_fn, split_generate_fn
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def evaluate_folder(folder: Path, smoke: bool = False) -> dict[str, object]:
     """All metrics of the model in ``folder`` (smoke: a handful of prompts)."""
     llm = load_llm(folder)
     n_layers = llm.num_layers
-    prompts = heldout_prompts(per_kind=4 if smoke else 125)
+    prompts = heldout_prompts(per_kind=4 if smoke else PER_KIND)
     texts = [qa.text for qa in prompts]
     greedy = answer_accuracy(hf_generate_fn(llm.model, llm.tokenizer, MAX_NEW_TOKENS), tqdm(prompts, desc="greedy"))
     n_id = 8 if smoke else IDENTITY_PROMPTS
@@ -114,7 +114,7 @@ def evaluate_folder(folder: Path, smoke: bool = False) -> dict[str, object]:
         "model": {"class": type(llm.model).__name__, "parameters": count_parameters(llm.model), "layers": n_layers,
                   "hidden_size": int(llm.model.config.hidden_size), "vocab_size": len(llm.tokenizer)},
         "heldout": "scenes whose object set is held out (models.llm.corpus.heldout_sets); "
-                   "models.llm.tasks.heldout_prompts(per_kind=125, seed=2024)",
+                   "models.llm.tasks.heldout_prompts(per_kind=120, seed=2024)",
         "greedy": greedy.to_dict(),
         "split_identity_exact_fp32": {"prompts": len(id_prompts), "share_identical_by_k": identity},
         "fp16_transfer": {

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 #: Loss weight of the answer token relative to every other token (scene words are random draws whose
 #: loss cannot go below log 6; without the weight their gradient noise drowns the answer's signal).
 ANSWER_WEIGHT: float = 8.0
+#: Steps of one-object scenes before the full mixture (see corpus.training_document).
+CURRICULUM_STEPS: int = 200
 #: Held-out prompts scored (teacher-forced, one forward pass) every ``eval_every`` steps during training.
 PROBE_PROMPTS: int = 240
 
@@ -60,9 +62,9 @@ def encode_documents(tokenizer: PreTrainedTokenizerBase, docs: list[Document], a
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
         weights[i, 1 : len(row)] = 1.0
-        if doc.answer_start is not None:
+        for start in doc.answer_starts:
             # The answer token is the one that holds the space before the answer ("Ġblue").
-            j = next(t for t, (a, b) in enumerate(offsets) if a <= doc.answer_start - 1 < b)
+            j = next(t for t, (a, b) in enumerate(offsets) if a <= start - 1 < b)
             weights[i, j] = answer_weight
     return Batch(ids, mask, weights[:, 1:])
 
@@ -140,6 +142,7 @@ def run_train(opts: StageOptions) -> dict[str, float]:
     assert isinstance(cfg, LlmModelConfig)
     answer_weight = float(opts.extra.get("answer_weight", ANSWER_WEIGHT))  # type: ignore[arg-type]
     eval_every = int(opts.extra.get("eval_every", 250))  # type: ignore[arg-type]
+    warmup_steps = int(opts.extra.get("curriculum_steps", CURRICULUM_STEPS))  # type: ignore[arg-type]
     model = new_model(cfg, tok, seed=opts.seed).to(opts.device).train()
     logger.info("model: %d parameters, %s", count_parameters(model), cfg)
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, betas=(0.9, 0.98), weight_decay=0.05)
@@ -148,7 +151,9 @@ def run_train(opts: StageOptions) -> dict[str, float]:
 
     def step(i: int) -> dict[str, float]:
         rng = random.Random(opts.seed * 1_000_003 + i)
-        batch = encode_documents(tok, [corpus.training_document(rng) for _ in range(opts.batch_size)], answer_weight)
+        max_objects = 1 if i < warmup_steps else corpus.MAX_OBJECTS
+        docs = [corpus.training_document(rng, max_objects) for _ in range(opts.batch_size)]
+        batch = encode_documents(tok, docs, answer_weight)
         loss = weighted_lm_loss(model, Batch(*(t.to(opts.device) for t in (batch.input_ids, batch.attention_mask,
                                                                               batch.weights))))
         optim.zero_grad(set_to_none=True)
@@ -168,7 +173,8 @@ def run_train(opts: StageOptions) -> dict[str, float]:
     stats["parameters"] = float(count_parameters(model))
     (opts.out / "training_config.json").write_text(json.dumps(
         {"model": cfg.to_dict(), "steps": opts.steps, "batch_size": opts.batch_size, "lr": opts.lr,
-         "answer_weight": answer_weight, "seed": opts.seed, "doc_mix": corpus.DOC_MIX}, indent=2) + "\n")
+         "answer_weight": answer_weight, "curriculum_steps": warmup_steps, "seed": opts.seed,
+         "doc_mix": corpus.DOC_MIX}, indent=2) + "\n")
     return stats
 
 

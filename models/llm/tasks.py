@@ -21,8 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.llm.corpus import KINDS, QA, Scene, make_qa, split_sets
 
-#: Prompts per question kind in the default evaluation set (4 x 125 = 500 >= 400).
-PER_KIND: int = 125
+#: Prompts per question kind in the default evaluation set (4 x 120 = 480 >= 400; even, so yes/no balance exactly).
+PER_KIND: int = 120
 EVAL_SEED: int = 2024
 
 

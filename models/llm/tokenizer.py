@@ -19,11 +19,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Final
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import PreTrainedTokenizerFast
 
 from models.llm.corpus import closed_vocabulary
+from models.shapes import COLORS, SHAPES
 
 PAD_TOKEN: Final[str] = "<pad>"
 BOS_TOKEN: Final[str] = "<s>"
@@ -91,9 +92,23 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
+def object_phrases() -> list[str]:
+    """``a <colour> <shape>`` for the 18 objects of the shapes world (each one token, see the module doc)."""
+    return [f"a {c} {s}" for c in COLORS for s in SHAPES]
+
+
+#: GPT-2's pre-tokenization pattern with the object phrases as an extra, first alternative.
+PRETOKENIZE_PATTERN: Final[str] = (
+    rf" ?a (?:{'|'.join(COLORS)}) (?:{'|'.join(SHAPES)})(?![\p{{L}}\p{{N}}])"
+    r"|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+)
+
+
 def vocabulary_words() -> list[str]:
-    """Byte-level forms of every closed-vocabulary word, bare and after a space (``red``, ``Ġred``)."""
-    return list(dict.fromkeys(_byte_level(v) for w in closed_vocabulary() for v in (w, " " + w)))
+    """Byte-level forms of every closed-vocabulary word and object phrase, bare and after a space
+    (``red``, ``Ġred``, ``ĠaĠredĠcircle``)."""
+    units = [*closed_vocabulary(), *object_phrases()]
+    return list(dict.fromkeys(_byte_level(v) for w in units for v in (w, " " + w)))
 
 
 def build_backend() -> Tokenizer:
@@ -103,7 +118,10 @@ def build_backend() -> Tokenizer:
     tokens = [*SPECIAL_TOKENS, *alphabet, *(a + b for a, b in merges)]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     backend.add_special_tokens(list(SPECIAL_TOKENS))

@@ -63,10 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--answer-weight", type=float, default=stages.ANSWER_WEIGHT)
+    p.add_argument("--curriculum-steps", type=int, default=stages.CURRICULUM_STEPS,
+                   help="train: first steps on one-object scenes only")
     p.add_argument("--eval-every", type=int, default=250, help="train: held-out probe every N steps")
     p.add_argument("--layers", type=int, default=LlmModelConfig.num_hidden_layers)
     p.add_argument("--hidden", type=int, default=LlmModelConfig.hidden_size)
     p.add_argument("--intermediate", type=int, default=LlmModelConfig.intermediate_size)
+    p.add_argument("--heads", type=int, default=LlmModelConfig.num_attention_heads)
     p.add_argument("--device", default="cpu", help="auto|cpu|cuda|mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="resume training from the stage checkpoint")
@@ -94,7 +97,8 @@ def stage_options(args: argparse.Namespace, stage: str, device: torch.device) ->
     steps = args.steps if args.steps is not None and stage == "train" else steps
     if args.smoke:
         steps, batch = min(steps, SMOKE_STEPS), SMOKE_BATCH
-    cfg = LlmModelConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers)
+    cfg = LlmModelConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.heads)
     return StageOptions(
         out=args.out,
         work_dir=args.work_dir or Path.home() / ".cache" / "meg" / "train" / args.out.resolve().name,
@@ -106,7 +110,8 @@ def stage_options(args: argparse.Namespace, stage: str, device: torch.device) ->
         resume=args.resume,
         smoke=args.smoke,
         ckpt_every=args.ckpt_every,
-        extra={"model_config": cfg, "answer_weight": args.answer_weight, "eval_every": args.eval_every},
+        extra={"model_config": cfg, "answer_weight": args.answer_weight, "eval_every": args.eval_every,
+               "curriculum_steps": args.curriculum_steps},
     )
 
 
