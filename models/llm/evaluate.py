@@ -26,6 +26,7 @@ from models.llm.tasks import PER_KIND, answer_accuracy, heldout_prompts, hf_gene
 logger = logging.getLogger(__name__)
 
 IDENTITY_PROMPTS = 100
+IDENTITY_TOKENS = 8
 MAX_NEW_TOKENS = 4
 
 
@@ -41,15 +42,17 @@ def split_points(num_layers: int) -> list[int]:
 
 @torch.no_grad()
 def split_identity(llm: LoadedLlm, prompts: list[str], k: int) -> float:
-    """Share of prompts whose split greedy token ids equal ``model.generate(do_sample=False)``'s."""
+    """Share of prompts whose split greedy token ids (:data:`IDENTITY_TOKENS` of them) equal
+    ``model.generate(do_sample=False)``'s."""
     edge, device = EdgeHalf(llm.model, k), DeviceHalf(llm.model, k)
     tok = llm.tokenizer
     same = 0
     for prompt in prompts:
         ids = tok(prompt, return_tensors="pt").input_ids
-        ref = llm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
-        got = split_generate(edge, device, ids, MAX_NEW_TOKENS, tok.eos_token_id)
+        # No end-of-sequence on either side, so each prompt checks IDENTITY_TOKENS decode steps (past the answer).
+        ref = llm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
+                                 max_new_tokens=IDENTITY_TOKENS, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        got = split_generate(edge, device, ids, IDENTITY_TOKENS, eos_token_id=None)
         same += int(got == ref.tolist())
     return same / len(prompts)
 

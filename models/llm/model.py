@@ -61,12 +61,15 @@ def new_model(cfg: LlmModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int
 
 
 def generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-    """Greedy by default, short answers: documents end with ``</s>`` right after the answer line."""
+    """Greedy, and one line: generation stops at ``</s>`` or at the newline that ends an answer (training
+    documents may ask further questions after an answer, so the model cannot know that it should stop)."""
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    assert len(newline) == 1, "the newline must be one token"
     return GenerationConfig(
         do_sample=False,
         max_new_tokens=32,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, newline[0]],
         pad_token_id=tokenizer.pad_token_id,
     )
 

@@ -141,10 +141,12 @@ def split_generate_fn(
     from models.llm.split import DeviceHalf, EdgeHalf, split_generate
 
     edge, device = EdgeHalf(model, k), DeviceHalf(model, k)
+    # Stop where model.generate stops (the generation config's end tokens), so both return the same text.
+    stop = model.generation_config.eos_token_id if model.generation_config is not None else tokenizer.eos_token_id
 
     def generate(prompt: str) -> str:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = split_generate(edge, device, ids, max_new_tokens, tokenizer.eos_token_id, transfer=transfer)
+        out = split_generate(edge, device, ids, max_new_tokens, stop, transfer=transfer)
         return tokenizer.decode(out, skip_special_tokens=True)
 
     return generate

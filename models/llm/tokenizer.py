@@ -1,13 +1,20 @@
-"""The embedded LLM's tokenizer: byte-level BPE whose merges make every closed-vocabulary word one token.
+"""The embedded LLM's tokenizer: byte-level BPE whose merges make every closed-vocabulary word, and each of
+the 18 object phrases ``a <colour> <shape>``, one token.
 
 Why this design: a colleague measured that 1-3 M-parameter models with a generic sub-word tokenizer
-stayed at chance on colour, shape and yes/no questions for 2,300 steps: answering means copying one
-token (the colour bound to a shape) and that is far easier when a word *is* a token. A plain word-level
-vocabulary, though, cannot encode free text. Byte-level BPE (as in GPT-2 / Llama 3) starts from the 256
-byte symbols, so any string encodes; the merges here are learned on exactly the corpus's closed
-vocabulary (:func:`models.llm.corpus.closed_vocabulary`, with and without a leading space), so each
-of those words (``Ġred``, ``Scene``, ``Ġ3``...) is a single token while everything else falls back to
-bytes. The merges are learned by a small deterministic procedure (no trainer, no download).
+stayed at chance on colour, shape and yes/no questions for 2,300 steps, and here a word-level vocabulary
+(every word one token) still left them at chance after 900 steps of the full mixture and needed
+thousands of steps more: answering "what colour is the square?" from words takes three attention hops
+(bind each colour to the shape after it, fetch the question's shape, look it up). With each object
+phrase a single token the binding lives in the token's embedding and the lookup is two hops, and
+scenes are a third shorter. A plain word or phrase vocabulary, though, cannot encode free text:
+byte-level BPE (as in GPT-2 / Llama 3) starts from the 256 byte symbols, so any string encodes; the
+merges are learned on exactly the closed vocabulary (:func:`models.llm.corpus.closed_vocabulary` and
+:func:`object_phrases`, with and without a leading space), so those units are single tokens
+(``Ġred``, ``Scene``, ``Ġ3``, ``ĠaĠredĠcircle``) and everything else falls back to smaller pieces or
+bytes. The pre-tokenizer is GPT-2's pattern with the object phrases as a first alternative, so "a red
+circle" is one piece wherever it occurs and "a redder circle" is not. The merges are learned by a
+small deterministic procedure (no trainer, no download).
 
 Special tokens: ``<pad>`` (0), ``<s>`` (1, defined but not added: documents start without it, so the
 chat template renders exactly the question text), ``</s>`` (2, ends every training document).

@@ -25,7 +25,7 @@ def test_loads_a_local_checkpoint_and_splits_it(tmp_path: Path, family: str) -> 
     with torch.no_grad():
         torch.testing.assert_close(llm.model(ids).logits, original(ids).logits)
     ref = llm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                             min_new_tokens=8, pad_token_id=0)[0, ids.shape[1]:].tolist()
+                             pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:].tolist()
     for k in range(1, llm.num_layers + 1):
         assert split_generate(EdgeHalf(llm.model, k), DeviceHalf(llm.model, k), ids, 8) == ref
 

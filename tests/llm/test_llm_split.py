@@ -20,8 +20,9 @@ def _prompt(seed: int, length: int = PROMPT_LEN) -> torch.Tensor:
 
 
 def _reference(model: torch.nn.Module, ids: torch.Tensor) -> list[int]:
+    # eos_token_id=None: no stopping and no suppressed logits, so both sides decode NEW_TOKENS plain argmaxes.
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-                         min_new_tokens=NEW_TOKENS, pad_token_id=0)
+                         pad_token_id=0, eos_token_id=None)
     return out[0, ids.shape[1]:].tolist()
 
 
