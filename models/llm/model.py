@@ -20,7 +20,7 @@ class LlmModelConfig:
     Answering "what colour is the square?" composes two attention hops (fetch the question's shape to
     the answer position, look up the object token holding it), so a few layers suffice; four layers of
     width 128 train at ~0.6 s per 64-document step on one shared CPU thread, which fits the budget of
-    4,000 steps (six layers were 35 % slower per step and learned no faster in a 900-step probe).
+    4,000 steps (six layers were 35 % slower per step).
     """
 
     hidden_size: int = 128
