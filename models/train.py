@@ -168,6 +168,11 @@ def stage_options(args: argparse.Namespace, stage: str, device: torch.device) ->
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns a process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["llm"]:  # `meg train llm <stage>`: the language model's own CLI (models/llm/train.py)
+        from models.llm.train import main as llm_main
+
+        return llm_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.finetune and args.stage not in FINETUNE_STAGES:
