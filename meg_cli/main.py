@@ -1,4 +1,4 @@
-"""``meg``: run the testbed or one of its services, send prompts, probe health, train and benchmark.
+"""``meg``: run the testbed or one of its services, send prompts, chat, probe health, train and benchmark.
 
 Heavy modules (torch, the services, the benchmarks) are imported inside the command that runs them, so
 ``meg ... --help`` answers at once. The services' options come from their config dataclasses
@@ -205,6 +205,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="REST API key (default: the first of $MEG_API_KEY)")
     gen.add_argument("--timeout", type=float, default=300.0)
     gen.add_argument("--json", action="store_true", help="print the whole response as JSON")
+
+    from meg_cli.chat import add_chat_parser
+
+    add_chat_parser(sub, os.environ.get("MEG_URL", DEFAULT_URL), (api_keys_from_env() or (None,))[0])
 
     probe = sub.add_parser("probe", help="exit 0 when a service is healthy, else say why (container checks)",
                            description="Exit 0 when a service is healthy; otherwise exit 1 and say what failed.")
@@ -473,6 +477,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from meg_cli.chat import cmd_chat as chat
+
+    return chat(args)
+
+
 def _unhealthy(target: str, why: str) -> int:
     print(f"unhealthy: {target}: {why}", file=sys.stderr)
     return 1
@@ -557,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in SERVICES:
         return run_service({"edge": cmd_edge, "channel": cmd_channel, "device": cmd_device}[args.command], args)
-    handlers = {"up": cmd_up, "generate": cmd_generate, "probe": cmd_probe, "certs": cmd_certs}
+    handlers = {"up": cmd_up, "generate": cmd_generate, "chat": cmd_chat, "probe": cmd_probe, "certs": cmd_certs}
     return handlers[args.command](args)
 
 

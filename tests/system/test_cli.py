@@ -110,7 +110,7 @@ def _no_torch_after(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["up", "--help"], ["edge", "--help"], ["channel", "--help"],
-                                  ["device", "--help"], ["train", "--help"], ["bench", "--help"],
+                                  ["device", "--help"], ["chat", "--help"], ["train", "--help"], ["bench", "--help"],
                                   ["bench", "snr", "--help"], ["bench", "rate", "--help"],
                                   ["bench", "serve", "--help"], ["bench", "overhead", "--help"]])
 def test_help_loads_no_heavy_module_and_names_meg(argv: list[str]) -> None:
