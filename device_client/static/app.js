@@ -1,5 +1,6 @@
-// MEG device dashboard: a prompt form over POST /v1/generate, canvas charts of GET /v1/history, and the
-// throughput over time from the device's /metrics counters. Plain JS, no libraries: the device serves this
+// MEG device dashboard: a prompt form over POST /v1/generate, canvas charts of GET /v1/history, the
+// throughput over time from the device's /metrics counters, and a chat panel for the split language model
+// (POST /v1/chat/completions, streamed as server-sent events). Plain JS, no libraries: the device serves this
 // page offline.
 "use strict";
 
@@ -74,6 +75,8 @@ async function api(path, options = {}) {
       const body = await resp.json();
       if (body && body.detail !== undefined) {
         detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+      } else if (body && body.error) {
+        detail = describeError(body.error);  // the OpenAI-compatible routes answer {"error": {...}}
       }
     } catch (_) { /* not JSON: keep the status text */ }
     throw new ApiError(resp.status, detail);
@@ -142,6 +145,7 @@ async function loadCatalogue() {
     fillSelect($("channel"), state.channels.map((c) => c.name), "awgn");
     onCodecChange();
     onChannelChange();
+    loadLlmCatalogue();  // not awaited: the image panel is ready without it (a device may serve no LLM)
     await refreshHistory();  // restores the latest result after a reload, before the page says it is ready
     document.body.dataset.ready = "true";
   } catch (err) {
@@ -542,18 +546,18 @@ function drawXLabel(ctx, box, text) {
   ctx.fillText(text, box.x + box.w / 2, box.y + box.h + PAD.bottom - 2);
 }
 
-function drawEmpty(canvas, ctx, box) {
+function drawEmpty(canvas, ctx, box, message = "no requests yet") {
   ctx.fillStyle = AXIS_INK;
   ctx.textAlign = "center";
   ctx.textBaseline = "middle";
-  ctx.fillText("no requests yet", box.x + box.w / 2, box.y + box.h / 2);
+  ctx.fillText(message, box.x + box.w / 2, box.y + box.h / 2);
   canvas.dataset.points = "0";
 }
 
 // Bars, one a request (oldest left); each bar is a stack of [value, colour] segments.
-function drawBars(canvas, stacks, yLabel, xLabel) {
+function drawBars(canvas, stacks, yLabel, xLabel, emptyText = undefined) {
   const { ctx, box } = prepareCanvas(canvas);
-  if (stacks.length === 0) return drawEmpty(canvas, ctx, box);
+  if (stacks.length === 0) return drawEmpty(canvas, ctx, box, emptyText);
   const top = Math.max(...stacks.map((s) => s.reduce((a, [v]) => a + v, 0)), 1e-9);
   const y = drawYAxis(ctx, box, niceTicks(0, top), yLabel);
   const slot = box.w / Math.max(stacks.length, 12);  // few requests: fixed-width bars, not one fat bar
@@ -629,6 +633,295 @@ function drawCharts() {
   document.body.dataset.chartsDrawn = String(recent.length);
 }
 
+// ------------------------------------------------------------------------------------------------ language model
+
+// The chat panel: one question at a time to POST /v1/chat/completions with stream: true. The answer arrives as
+// server-sent events (OpenAI chat.completion.chunk objects); each content chunk carries meg_token (the bits,
+// channel uses and latency of the hidden state behind that token), the final chunk the request's meg summary,
+// then "data: [DONE]". An error after the stream began comes as one {"error": {...}} event.
+const LLM_SOURCE = "llm-hidden";
+const LLM_LATENCY_COLOR = "#e08a1e";
+const LLM_BITS_COLOR = "#2f6fde";
+
+const llm = {
+  model: null,       // GET /v1/models: the first model, with its meg figures (num_layers, default_split_layer)
+  codecs: [],        // GET /v1/codecs?source=llm-hidden
+  controller: null,  // AbortController of the answer being streamed (the Stop button)
+  tokens: [],        // [{index, text, bits, symbols, latency_ms}] of the answer so far
+  meg: null,         // the final chunk's summary
+  usage: null,
+  finishReason: null,
+  done: false,       // "data: [DONE]" seen
+};
+
+function describeError(error) {
+  if (!error || typeof error !== "object") return String(error);
+  const kind = ["type", "code"].map((k) => error[k]).filter((v) => v !== undefined && v !== null && v !== "");
+  return `${error.message || "unknown error"}` + (kind.length ? ` (${kind.join(", ")})` : "");
+}
+
+function showLlmError(message) {
+  $("llm-error").textContent = message;
+  $("llm-error").hidden = false;
+}
+
+function hideLlmError() {
+  $("llm-error").hidden = true;
+  $("llm-error").textContent = "";
+}
+
+async function loadLlmCatalogue() {
+  try {
+    const [models, codecs] = await Promise.all([getJson("/v1/models"),
+      getJson(`/v1/codecs?source=${encodeURIComponent(LLM_SOURCE)}`)]);
+    llm.model = (models.data || [])[0] || null;
+    if (!llm.model) throw new Error("the device serves no language model (GET /v1/models is empty)");
+    llm.codecs = codecs.codecs || [];
+    fillSelect($("llm-codec"), llm.codecs.map((c) => c.name), codecs.default);
+    const meg = llm.model.meg || {};
+    // Split after layer k: the edge runs layers 1..k, the device k+1..N; both sides run at least one layer.
+    const layers = [];
+    for (let k = 1; k < (meg.num_layers || 2); k++) layers.push(String(k));
+    fillSelect($("llm-split"), layers, String(meg.default_split_layer));
+    fillSelect($("llm-channel"), state.channels.map((c) => c.name), "awgn");
+    onLlmCodecChange();
+    $("llm-send").disabled = false;
+    document.body.dataset.llmReady = "true";
+  } catch (err) {
+    $("llm-send").disabled = true;
+    showLlmError(`Language model unavailable: ${err.message}`);
+    document.body.dataset.llmReady = "false";
+  }
+}
+
+function onLlmCodecChange() {
+  const codec = llm.codecs.find((c) => c.name === $("llm-codec").value);
+  $("llm-codec-desc").textContent = codec ? `${codec.kind}: ${codec.description || ""}` : "";
+  onLlmLinkChange();
+}
+
+// The same rules as the image form's link controls: SNR for noisy channels, modulation and FEC for digital
+// payloads over channels that model them.
+function onLlmLinkChange() {
+  const channel = state.channels.find((c) => c.name === $("llm-channel").value);
+  const params = channel ? channel.parameters : [];
+  const codec = llm.codecs.find((c) => c.name === $("llm-codec").value);
+  const digital = !codec || codec.kind !== "analog";
+  $("llm-snr").disabled = !params.includes("snr_db");
+  const modulated = params.includes("modulation") && digital;
+  $("llm-modulation").disabled = !modulated;
+  $("llm-fec").disabled = !modulated;
+  let hint = "";
+  if (!digital) hint = "Analog codec: the hidden states go over the air as analog symbols.";
+  else if (!params.includes("modulation")) hint = "An ideal channel delivers every bit.";
+  $("llm-link-hint").textContent = hint;
+}
+
+function llmRequestBody() {
+  const channel = { model: $("llm-channel").value };
+  if (!$("llm-snr").disabled) channel.snr_db = Number($("llm-snr").value);
+  if (!$("llm-modulation").disabled && $("llm-modulation").value) channel.modulation = $("llm-modulation").value;
+  if (!$("llm-fec").disabled) channel.fec = $("llm-fec").value;
+  const body = {
+    model: llm.model.id,
+    messages: [{ role: "user", content: $("llm-prompt").value }],
+    stream: true,
+    stream_options: { include_usage: true },
+    codec: $("llm-codec").value,
+    channel,
+    split_layer: Number($("llm-split").value),
+  };
+  const maxTokens = optionalNumber("llm-max-tokens");
+  const temperature = optionalNumber("llm-temperature");
+  const seed = optionalNumber("llm-seed");
+  if (maxTokens !== undefined) body.max_tokens = maxTokens;
+  if (temperature !== undefined) body.temperature = temperature;
+  if (seed !== undefined) body.seed = seed;
+  return body;
+}
+
+function setLlmBusy(busy) {
+  $("llm-send").disabled = busy;
+  $("llm-stop").hidden = !busy;
+  $("llm-busy").hidden = !busy;
+  $("llm-answer").classList.toggle("streaming", busy);
+}
+
+function resetLlmOutput() {
+  Object.assign(llm, { tokens: [], meg: null, usage: null, finishReason: null, done: false });
+  $("llm-answer").replaceChildren();
+  for (const id of ["llm-bits-per-token", "llm-first-bits", "llm-tokens", "llm-ttft", "llm-tpot", "llm-bits",
+                    "llm-symbols", "llm-airtime", "llm-codec-out", "llm-channel-out", "llm-finish"]) {
+    $(id).textContent = "";
+  }
+  $("llm-empty").hidden = true;
+  $("llm-result").hidden = false;
+  drawLlmCharts();
+}
+
+async function onLlmSubmit(ev) {
+  ev.preventDefault();
+  if (llm.controller) return;  // one answer at a time
+  hideLlmError();
+  resetLlmOutput();
+  const controller = new AbortController();
+  llm.controller = controller;
+  setLlmBusy(true);
+  document.body.dataset.llmState = "streaming";
+  try {
+    const resp = await api("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      body: JSON.stringify(llmRequestBody()),
+      signal: controller.signal,
+    });
+    await readEvents(resp, onLlmEvent);
+    if (!llm.done || !llm.meg) {
+      throw new Error(`the stream ended before the answer was complete (${llm.done ? "no meg summary" : "no [DONE]"})`);
+    }
+    document.body.dataset.llmState = "done";
+  } catch (err) {
+    const stopped = controller.signal.aborted;
+    showLlmError(stopped ? "Stopped: the answer above is what arrived before." : err.message);
+    document.body.dataset.llmState = stopped ? "stopped" : "error";
+  } finally {
+    llm.controller = null;
+    setLlmBusy(false);
+    drawLlmCharts();
+  }
+}
+
+// Server-sent events of a fetch Response, as the SSE rules have them: lines end at CRLF, LF or CR; an event
+// ends at a blank line; its data lines are joined with "\n"; comment lines (":" first) and other fields carry
+// no data. onData(data) gets each event's data and returns true to stop reading (after "[DONE]").
+async function readEvents(resp, onData) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let data = [];
+  const dispatch = () => {
+    const stop = data.length > 0 && onData(data.join("\n"));
+    data = [];
+    return stop;
+  };
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
+      // A CR at the end may be the first half of a CRLF split across reads: keep it for the next read.
+      const holdCr = !done && buffer.endsWith("\r");
+      const lines = (holdCr ? buffer.slice(0, -1) : buffer).split(/\r\n|\r|\n/);
+      buffer = lines.pop() + (holdCr ? "\r" : "");
+      if (done && buffer) lines.push(buffer);
+      for (const line of lines) {
+        if (line === "") {
+          if (dispatch()) return;
+        } else if (!line.startsWith(":")) {
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          let value = colon < 0 ? "" : line.slice(colon + 1);
+          if (value.startsWith(" ")) value = value.slice(1);
+          if (field === "data") data.push(value);
+        }
+      }
+      if (done) {
+        dispatch();  // an event the stream closed without a blank line after
+        return;
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});  // after [DONE] or an error: release the connection
+  }
+}
+
+// One event of the answer; returns true at "[DONE]". An error event or unparsable data throws (shown as text).
+function onLlmEvent(data) {
+  if (data.trim() === "[DONE]") {
+    llm.done = true;
+    return true;
+  }
+  let event;
+  try {
+    event = JSON.parse(data);
+  } catch (_) {
+    throw new Error(`the device sent an event that is not JSON: ${data.slice(0, 200)}`);
+  }
+  if (event.error) throw new Error(describeError(event.error));
+  if (event.usage) llm.usage = event.usage;
+  let text = "";
+  for (const choice of event.choices || []) {
+    text += (choice.delta && choice.delta.content) || "";
+    if (choice.finish_reason) llm.finishReason = choice.finish_reason;
+  }
+  if (event.meg_token) addLlmToken({ ...event.meg_token, text });
+  else if (text) $("llm-answer").append(text);  // content without figures: show it all the same
+  if (event.meg) llm.meg = event.meg;
+  showLlmFigures();
+  return false;
+}
+
+function addLlmToken(figures) {
+  // Figures the device left out count as 0, so one odd chunk cannot break the charts or the sums.
+  const token = { ...figures, bits: Number(figures.bits) || 0, symbols: Number(figures.symbols) || 0,
+                  latency_ms: Number(figures.latency_ms) || 0 };
+  llm.tokens.push(token);
+  const span = document.createElement("span");
+  span.className = "tok";
+  span.textContent = token.text;
+  span.dataset.index = String(token.index);
+  span.title = `token ${token.index}: ${fmtInt(token.bits)} bits, ${fmtInt(token.symbols)} channel uses, ` +
+    `${fmtMs(token.latency_ms)}`;
+  $("llm-answer").append(span);
+  drawLlmCharts();
+}
+
+// The figures so far from the tokens; the request's totals once the final chunk's meg summary is in.
+function showLlmFigures() {
+  const tokens = llm.tokens;
+  if (tokens.length) {
+    // The first token's hidden state follows the prompt's (prefill), so its payload is apart; bits per token
+    // is the mean of the decode steps after it (the first alone while it is the only one).
+    const decode = tokens.length > 1 ? tokens.slice(1) : tokens;
+    const mean = decode.reduce((a, t) => a + t.bits, 0) / decode.length;
+    $("llm-bits-per-token").textContent = `${fmtInt(mean)} bits`;
+    $("llm-first-bits").textContent = `${fmtInt(tokens[0].bits)} bits · ${fmtMs(tokens[0].latency_ms)}`;
+    $("llm-tokens").textContent = String(tokens.length) +
+      (llm.usage ? ` (prompt ${llm.usage.prompt_tokens})` : "");
+  }
+  const meg = llm.meg;
+  if (!meg) return;
+  $("llm-ttft").textContent = Number.isFinite(meg.ttft_ms) ? fmtMs(meg.ttft_ms) : "—";
+  $("llm-tpot").textContent = Number.isFinite(meg.tpot_ms) ? fmtMs(meg.tpot_ms) : "— (one token)";
+  $("llm-bits").textContent = fmtInt(meg.bits_sent);
+  $("llm-symbols").textContent = fmtInt(meg.symbols_sent);
+  $("llm-airtime").textContent = `${Number(meg.airtime_ms).toFixed(3)} ms`;
+  $("llm-codec-out").textContent = `${meg.codec} · layer ${meg.split_layer}`;
+  const ch = meg.channel || {};
+  $("llm-channel-out").textContent = ch.snr_db !== undefined && ch.snr_db !== null
+    ? `${ch.model} @ ${Number(ch.snr_db).toFixed(1)} dB` : String(ch.model || "");
+  $("llm-finish").textContent = llm.finishReason || "";
+}
+
+function drawLlmCharts() {
+  const labels = "token (first → last)";
+  drawBars($("llm-chart-latency"), llm.tokens.map((t) => [[Math.max(0, t.latency_ms), LLM_LATENCY_COLOR]]),
+    "ms", labels, "no tokens yet");
+  drawBars($("llm-chart-bits"), llm.tokens.map((t) => [[Math.max(0, t.bits), LLM_BITS_COLOR]]),
+    "bits", labels, "no tokens yet");
+}
+
+function setupLlmPanel() {
+  $("llm-send").disabled = true;  // until GET /v1/models has named the model
+  $("llm-form").addEventListener("submit", onLlmSubmit);
+  $("llm-stop").addEventListener("click", () => { if (llm.controller) llm.controller.abort(); });
+  $("llm-codec").addEventListener("change", onLlmCodecChange);
+  $("llm-channel").addEventListener("change", onLlmLinkChange);
+  $("llm-prompt").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) $("llm-form").requestSubmit();
+  });
+  drawLlmCharts();
+}
+
 // ------------------------------------------------------------------------------------------------ start
 
 function start() {
@@ -639,13 +932,14 @@ function start() {
   $("snr-range").addEventListener("input", () => { $("snr").value = $("snr-range").value; });
   $("snr").addEventListener("input", () => { $("snr-range").value = $("snr").value; });
   $("gen-form").addEventListener("submit", onSubmit);
+  setupLlmPanel();
   $("prompt").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) $("gen-form").requestSubmit();
   });
   let resizeTimer = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizeTimer);
-    resizeTimer = setTimeout(() => { drawCharts(); drawRate(); }, 150);
+    resizeTimer = setTimeout(() => { drawCharts(); drawRate(); drawLlmCharts(); }, 150);
   });
   loadRateSamples();
   drawCharts();
