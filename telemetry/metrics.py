@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Buckets sized for this testbed: a CPU request takes 10 ms..30 s, a GPU one 50 ms..60 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BYTES_BUCKETS = tuple(float(2**k) for k in range(5, 28, 2))  # 32 B .. 128 MiB
+TOKEN_BYTES_BUCKETS = tuple(float(2**k) for k in range(2, 17))  # 4 B .. 64 KiB: one row of hidden states
 SYMBOLS_BUCKETS = tuple(float(2**k) for k in range(8, 31, 2))  # 256 .. 1 G channel uses
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 1.5, 2.0, 5.0)
 PSNR_BUCKETS = (5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 50.0, 60.0)
@@ -37,6 +38,10 @@ METRIC_NAMES = (
     "meg_errors_total",
     "meg_requests_total",
     "meg_batch_size",
+    "meg_llm_sessions",
+    "meg_llm_ttft_seconds",
+    "meg_llm_tpot_seconds",
+    "meg_llm_token_payload_bytes",
 )
 
 _REQUEST_LABELS = ("service", "model", "codec", "channel", "snr_bucket")
@@ -94,9 +99,23 @@ class MegMetrics:
             "meg_requests", "Finished requests", ("service", "codec", "channel", "status"), registry=r)
         self.batch_size = Histogram(
             "meg_batch_size", "Requests per compute batch", ("service",), buckets=BATCH_BUCKETS, registry=r)
+        # The split language model: open sessions (edge), and per answer its time to first token, time per
+        # output token and the payload bytes of each token's hidden state (device).
+        self.llm_sessions = Gauge(
+            "meg_llm_sessions", "Open language-model sessions (each holds a KV cache)", ("service",), registry=r)
+        self.llm_ttft = Histogram(
+            "meg_llm_ttft_seconds", "Time to first token of a language-model answer",
+            _REQUEST_LABELS, buckets=LATENCY_BUCKETS, registry=r)
+        self.llm_tpot = Histogram(
+            "meg_llm_tpot_seconds", "Mean time per output token after the first, per answer",
+            _REQUEST_LABELS, buckets=LATENCY_BUCKETS, registry=r)
+        self.llm_token_bytes = Histogram(
+            "meg_llm_token_payload_bytes", "Payload bytes of one decode step's hidden state over the air",
+            _REQUEST_LABELS, buckets=TOKEN_BYTES_BUCKETS, registry=r)
         # Make the unlabelled gauges visible from the first scrape, so dashboards show 0 rather than "no data".
         self.in_flight.labels(self.service).set(0)
         self.queue_depth.labels(self.service).set(0)
+        self.llm_sessions.labels(self.service).set(0)
 
     def labels(self, model: str, codec: str, channel: str, snr_db: float | None) -> dict[str, str]:
         """The common label set of one request (``snr_db`` None for a noiseless channel)."""
