@@ -1,5 +1,5 @@
 """Edge batching at full model size: an SD 1.5-sized text encoder + UNet (random weights, built from the
-SD 1.5 configs) served through the edge's real step scheduler (:class:`edge_server.scheduler.StepScheduler`),
+SD 1.5 configs) served through the edge's real step scheduler (:class:`serving.scheduler.StepScheduler`),
 batching off vs on.
 
 Run on a GPU machine: ``python -m bench.gpu_batching --device cuda --dtype float16``. Random weights change
@@ -62,7 +62,7 @@ async def _serve_burst(scheduler: object, shape: tuple[int, int, int], n: int, s
 
 def run(device: str, dtype_name: str, concurrency: int, steps: int, model_dir: Path) -> dict[str, object]:
     from edge_server.diffusion import DiffusionStepModel
-    from edge_server.scheduler import SchedulerConfig, StepScheduler
+    from serving.scheduler import SchedulerConfig, StepScheduler
     from models.backends import load_backend
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]

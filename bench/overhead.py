@@ -65,7 +65,7 @@ class Monolith:
         import torch
 
         from device_client.decoders import DecoderBank
-        from edge_server.scheduler import default_cpu_threads
+        from serving.scheduler import default_cpu_threads
         from models.backends import load_backend
 
         self.config = config

@@ -12,7 +12,7 @@ delivers. The emulator imports no codec: it carries payloads without decoding th
 from __future__ import annotations
 
 import asyncio
-import importlib
+import concurrent.futures
 import logging
 import math
 import time
@@ -247,16 +247,24 @@ def _watch_upstream(upstream: EdgeUpstream) -> Callable[[health.aio.HealthServic
     return watch
 
 
-async def _warm_up(_: health.aio.HealthServicer) -> None:
-    # Sionna (the LDPC chain) takes seconds to import: do it now, off the event loop, rather than inside the
-    # first fec="ldpc" request, where the import would stall every stream this process is pacing.
-    await asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "radio.digital")
+def _warm_up(link: Link) -> Callable[[health.aio.HealthServicer], Awaitable[None]]:
+    async def warm(_: health.aio.HealthServicer) -> None:
+        # Sionna (the LDPC chain) takes seconds to import and the uplink's code takes seconds to build: do both
+        # now, off the event loop, rather than inside the first LLM session, whose every token would wait.
+        uplink_probe = ChannelSpec.from_mapping({"model": "awgn", "snr_db": 10.0})
+        await asyncio.get_running_loop().run_in_executor(None, link.send_control, uplink_probe, b"\0\0\0\0")
+    return warm
 
 
 async def serve(config: ChannelServiceConfig, ready: asyncio.Event | None = None,
                 credentials: grpc.ServerCredentials | None = None,
                 upstream_credentials: grpc.ChannelCredentials | None = None) -> None:
     metrics = MegMetrics("channel")
+    # The link's work (channel draws, LDPC decoding) runs on the loop's default executor, many small calls at
+    # once: one torch thread each, since OpenMP workers spin-waiting for busy cores made a 4-byte uplink block
+    # take 0.7-1.4 s instead of 15-40 ms on the shared 2-core host.
+    asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(
+        max_workers=8, thread_name_prefix="channel-link", initializer=torch.set_num_threads, initargs=(1,)))
     upstream = EdgeUpstream(config.edge, upstream_credentials)
     api = ChannelApi(upstream, Link(), metrics)
     server_config = GrpcServerConfig(
@@ -277,4 +285,4 @@ async def serve(config: ChannelServiceConfig, ready: asyncio.Event | None = None
     await run_grpc_service(
         server_config, register,
         metrics, credentials=credentials, health_status={SERVICE_NAME: NOT_SERVING},
-        background=[_watch_upstream(upstream), _warm_up], on_stop=upstream.close, ready=ready)
+        background=[_watch_upstream(upstream), _warm_up(api.link)], on_stop=upstream.close, ready=ready)

@@ -34,4 +34,29 @@ class Fp16Coder(SourceCoder):
         return out
 
 
-register_preset("raw-fp16", "fp16", "Features as float16, uncompressed (digital)")
+register_preset("raw-fp16", "fp16", "Features as float16, uncompressed (digital)", sources=("image", "llm-hidden"))
+
+
+@register_terminal("fp32")
+class Fp32Coder(SourceCoder):
+    """The exact float32 bytes, little-endian, in header order: lossless (the split's identity check)."""
+
+    def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
+        del params, weights_dir
+
+    def compress(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> bytes:
+        return b"".join(t.to(torch.float32).numpy().astype("<f4").tobytes() for t in tensors.values())
+
+    def decompress(self, data: bytes, infos: list[TensorInfo], ctx: StageContext) -> dict[str, torch.Tensor]:
+        expected = 4 * sum(i.numel for i in infos)
+        if len(data) != expected:
+            raise CodecError(f"fp32 payload has {len(data)} bytes, expected {expected}")
+        out, pos = {}, 0
+        for info in infos:
+            n = 4 * info.numel
+            out[info.name] = torch.from_numpy(np.frombuffer(data[pos:pos + n], dtype="<f4").reshape(info.shape).copy())
+            pos += n
+        return out
+
+
+register_preset("raw-fp32", "fp32", "Features as float32, exact (digital, lossless)", sources=("image", "llm-hidden"))

@@ -30,6 +30,8 @@ class CodecPreset:
     spec: str
     description: str
     params: dict[str, str] = field(default_factory=dict)
+    #: the feature sources this codec applies to (see codec.sets)
+    sources: tuple[str, ...] = ("image",)
 
 
 def register_stage(name: str) -> Callable[[S], S]:
@@ -40,16 +42,18 @@ def register_terminal(name: str) -> Callable[[S], S]:
     return TERMINALS.register(name)
 
 
-def register_preset(name: str, spec: str, description: str, **params: str) -> None:
-    PRESETS.add(name, CodecPreset(name, spec, description, dict(params)))
+def register_preset(name: str, spec: str, description: str, sources: tuple[str, ...] = ("image",),
+                    **params: str) -> None:
+    PRESETS.add(name, CodecPreset(name, spec, description, dict(params), tuple(sources)))
 
 
-def codec_names() -> list[str]:
-    return sorted(PRESETS.names())
+def codec_names(source: str | None = None) -> list[str]:
+    """The codec presets, all or those for one feature source."""
+    return sorted(n for n in PRESETS.names() if source is None or source in PRESETS.get(n).sources)
 
 
-def list_codecs() -> list[CodecPreset]:
-    return [PRESETS.get(n) for n in codec_names()]
+def list_codecs(source: str | None = None) -> list[CodecPreset]:
+    return [PRESETS.get(n) for n in codec_names(source)]
 
 
 def stage_names() -> list[str]:

@@ -21,11 +21,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import codec
+from codec.sets import LLM_SOURCE, SOURCES
 from device_client.decoders import DecoderBank
 from device_client.finisher import SplitFinisher
 from device_client.generate import GenerateDefaults, ImageGeneration
 from device_client.guard import DeviceGuard
 from device_client.link import DeviceLink, DeviceLinkConfig
+from device_client.llm import LlmDevice, LlmDeviceConfig, LlmGeneration
+from device_client.openai_api import OpenAiRoutes, OpenAiSettings, add_openai_routes
 from device_client.schemas import GenerateIn, GenerateOut
 from radio import CHANNELS
 from radio.spec import describe_channel
@@ -62,6 +65,7 @@ class DeviceConfig:
         "help": "refuse requests over height × width × steps at once (the edge enforces its own budget too)"})
     api_keys: tuple[str, ...] = field(default=(), metadata={"help": "API keys (from MEG_API_KEY)", "cli": False})
     tls_dir: Path | None = field(default=None, metadata={"help": "mutual TLS towards the channel emulator"})
+    llm: LlmDeviceConfig = field(default_factory=LlmDeviceConfig)
 
     @staticmethod
     def keys_from_env() -> tuple[str, ...]:
@@ -102,6 +106,9 @@ class DeviceState:
         self.images = ImageStore(config.max_images)
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         self.generation: ImageGeneration | None = None
+        # The split language model's device half; loaded with the app so its routes exist from the start.
+        self.llm = LlmDevice(config.llm, config.device, self.metrics) if config.llm.llm_enabled else None
+        self.openai: OpenAiRoutes | None = None
 
     def start(self) -> None:
         credentials = None
@@ -114,6 +121,19 @@ class DeviceState:
         defaults = GenerateDefaults(c.default_steps, c.default_guidance, c.default_codec, c.request_timeout_s,
                                     c.max_in_flight, c.max_pixel_steps)
         self.generation = ImageGeneration(self.link, self.decoders, self.finisher, defaults, self.metrics)
+        if self.openai is not None:
+            self.openai.generation.link = self.link
+
+    def openai_routes(self) -> OpenAiRoutes | None:
+        """The OpenAI-compatible routes' handler (its link is attached at start)."""
+        if self.llm is None:
+            return None
+        c = self.config
+        settings = OpenAiSettings(c.llm.llm_default_codec, c.llm.llm_max_tokens, c.request_timeout_s,
+                                  c.max_in_flight)
+        self.openai = OpenAiRoutes(self.llm, LlmGeneration(self.llm, self.link, self.metrics), settings,
+                                   self.metrics)
+        return self.openai
 
 
 def create_app(config: DeviceConfig) -> Any:
@@ -129,6 +149,8 @@ def create_app(config: DeviceConfig) -> Any:
         yield
         assert state.link is not None
         await state.link.close()
+        if state.llm is not None:
+            await asyncio.to_thread(state.llm.stop)
 
     app = FastAPI(title="MEG device client", version="1.0",
                   description="Prompts in, images out: features cross a simulated wireless link from the edge.",
@@ -137,6 +159,9 @@ def create_app(config: DeviceConfig) -> Any:
     _add_error_handlers(app)
     _add_page_routes(app, state)
     _add_api_routes(app, state)
+    routes = state.openai_routes()
+    if routes is not None:
+        add_openai_routes(app, routes)
     guarded = DeviceGuard(app, config.api_keys, config.max_body_bytes, config.body_timeout_s)
     guarded.state = app.state  # type: ignore[attr-defined]  (tests reach the state through the app)
     return guarded
@@ -199,13 +224,20 @@ def _add_api_routes(app: FastAPI, state: DeviceState) -> None:
     config = state.config
 
     @app.get("/v1/codecs")
-    async def codecs() -> dict[str, Any]:
+    async def codecs(source: str | None = None) -> dict[str, Any]:
         from codec.registry import codec_kind, request_params, resolve_spec
 
+        if source is not None and source not in SOURCES:
+            raise HTTPException(422, f"source: unknown feature source {source!r}; known: {', '.join(SOURCES)}")
         items = [{"name": p.name, "description": p.description, "kind": codec_kind(p.name),
-                  "stages": resolve_spec(p.name)[0].split("+"), "params": p.params,
-                  "request_params": list(request_params(p.name))} for p in codec.list_codecs()]
-        return {"codecs": items, "default": config.default_codec}
+                  "stages": resolve_spec(p.name)[0].split("+"), "params": p.params, "sources": list(p.sources),
+                  "request_params": list(request_params(p.name))} for p in codec.list_codecs(source)]
+        default = config.llm.llm_default_codec if source == LLM_SOURCE else config.default_codec
+        return {"codecs": items, "default": default}
+
+    @app.get("/v1/sources")
+    async def sources() -> dict[str, Any]:
+        return {"sources": [{"name": name, "codecs": codec.codec_names(name)} for name in SOURCES]}
 
     @app.get("/v1/channels")
     async def channels() -> dict[str, Any]:

@@ -58,6 +58,7 @@ class DeviceLink:
         self._channel = (grpc.aio.secure_channel(config.target, credentials, options=options) if credentials
                          else grpc.aio.insecure_channel(config.target, options=options))
         self._stub = meg_pb2_grpc.EdgeGenerationStub(self._channel)
+        self._sessions = meg_pb2_grpc.LlmSessionStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def close(self) -> None:
@@ -69,11 +70,15 @@ class DeviceLink:
         try:
             return await framing.assemble_call(call)
         except grpc.aio.AioRpcError as exc:
-            raise self._link_error(exc) from exc
+            raise self.link_error(exc) from exc
         except framing.StreamError as exc:
             raise LinkError(502, f"corrupted or truncated stream: {exc}", "bad_stream") from exc
 
-    def _link_error(self, exc: grpc.aio.AioRpcError) -> LinkError:
+    def session(self, timeout_s: float) -> grpc.aio.StreamStreamCall:
+        """Open one language-model session (a bidirectional stream) through the channel emulator."""
+        return self._sessions.Session(timeout=timeout_s)
+
+    def link_error(self, exc: grpc.aio.AioRpcError) -> LinkError:
         http, kind = _STATUS_MAP.get(exc.code(), (502, "upstream_error"))
         retry = None
         if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -43,8 +43,12 @@ def link_may_have_damaged(spec: ChannelSpec, payload: EncodedPayload, erased: li
     return spec.link.fec == "none" or bool(erased)
 
 
-def receive_features(feature_codec: Codec, payload: EncodedPayload, link_damaged: bool) -> Reception:
+def receive_features(feature_codec: Codec, payload: EncodedPayload, link_damaged: bool,
+                     bound: float | None = LATENT_CLAMP) -> Reception:
     """Decode ``payload``; when it does not decode and the link reported damage, conceal instead of failing.
+
+    ``bound`` clamps the decoded values (latents); None leaves them as decoded (a language model's hidden
+    states carry a few massive activations by design).
 
     A payload that does not decode although the link delivered it intact is a real fault (a bad stream or a
     codec mismatch) and raises :class:`CodecError`.
@@ -56,8 +60,7 @@ def receive_features(feature_codec: Codec, payload: EncodedPayload, link_damaged
             raise
         log.info("payload lost to channel errors (%s); concealing", exc)
         return Reception(conceal(payload.tensors), True)
-    return Reception({k: bound_latents(v) for k, v in tensors.items()}, False)
+    if bound is None:
+        return Reception(tensors, False)
+    return Reception({k: v.clamp(-bound, bound) for k, v in tensors.items()}, False)
 
-
-def bound_latents(latents: torch.Tensor) -> torch.Tensor:
-    return latents.clamp(-LATENT_CLAMP, LATENT_CLAMP)

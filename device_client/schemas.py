@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 import codec
 from codec.base import CodecError
+from codec.sets import IMAGE_SOURCE
 from codec.registry import check_request_params
 from radio import ChannelError, ChannelSpec, channel_names
 from radio.spec import schema_fields
@@ -82,8 +83,8 @@ class GenerateIn(BaseModel):
     @field_validator("codec")
     @classmethod
     def _known_codec(cls, v: str | None) -> str | None:
-        if v is not None and v not in codec.codec_names():
-            raise ValueError(f"unknown codec {v!r}; known: {', '.join(codec.codec_names())}")
+        if v is not None and v not in codec.codec_names(IMAGE_SOURCE):
+            raise ValueError(f"unknown codec {v!r}; known: {', '.join(codec.codec_names(IMAGE_SOURCE))}")
         return v
 
 

@@ -37,7 +37,7 @@ class DiffusionState:
 
 
 class DiffusionStepModel:
-    """:class:`~edge_server.scheduler.StepModel` of a text-to-image backend."""
+    """:class:`~serving.scheduler.StepModel` of a text-to-image backend."""
 
     def __init__(self, backend: TextToImageBackend, max_batch: int | None = None) -> None:
         self.backend = backend

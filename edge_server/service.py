@@ -1,7 +1,7 @@
 """The edge gRPC service (``meg.v1.EdgeGeneration/Generate``) as a :class:`serving.contract.StreamingApi`:
 
 * ``decode_request`` validates the request (naming the field) and builds the denoising job and the codec;
-* ``run`` queues the job on the step scheduler (:mod:`edge_server.scheduler`) and encodes the latents;
+* ``run`` queues the job on the step scheduler (:mod:`serving.scheduler`) and encodes the latents;
 * ``encode_response`` frames header, chunks, optional reference and trailer.
 
 Request ids, the in-flight gauge, the request counter and status mapping are the shared adapter's
@@ -24,16 +24,19 @@ import torch
 import codec
 from codec.base import CodecError
 from codec.registry import check_request_params
+from codec.sets import IMAGE_SOURCE
 from edge_server.diffusion import DiffusionJob, DiffusionStepModel
-from edge_server.scheduler import (
+from edge_server.llm import SESSION_SERVICE, LlmEdgeConfig, LlmEdgeStepModel, LlmSessionApi
+from serving.scheduler import (
     Completion, QueueFullError, SchedulerConfig, SchedulerStoppedError, StepScheduler,
 )
 from edge_server.watchdog import progress_watchdog
 from meg.v1 import meg_pb2
 from models.backends import TextToImageBackend, load_backend
+from models.llm.loader import llm_model_id, load_llm
 from radio import channel_names, is_noiseless
 from serving.contract import CallContext, RequestError, Status, StreamingApi
-from serving.grpc_service import SERVING, GrpcServerConfig, add_streaming_api, run_grpc_service
+from serving.grpc_service import SERVING, GrpcServerConfig, add_session_api, add_streaming_api, run_grpc_service
 from serving.registry import UnknownNameError
 from telemetry.metrics import MegMetrics
 from wire import framing
@@ -66,6 +69,7 @@ class EdgeConfig:
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     engine: SchedulerConfig = field(default_factory=SchedulerConfig)
+    llm: LlmEdgeConfig = field(default_factory=LlmEdgeConfig)
     grace_s: float = field(default=10.0, metadata={"help": "seconds to drain in-flight work at shutdown"})
     max_pixel_steps: int = field(default=512 * 512 * 50, metadata={
         "help": "per-request compute budget, height × width × steps (default: 512×512 at 50 steps)"})
@@ -93,8 +97,8 @@ def validate_request(request: meg_pb2.GenerateRequest) -> str | None:
         return f"guidance_scale: must be in [0, {MAX_GUIDANCE}], got {request.guidance_scale}"
     if not 0 <= request.split_step < request.steps:
         return f"split_step: must be in [0, steps-1], got {request.split_step}"
-    if request.codec not in codec.codec_names():
-        return f"codec: unknown codec {request.codec!r}; known: {', '.join(codec.codec_names())}"
+    if request.codec not in codec.codec_names(IMAGE_SOURCE):
+        return f"codec: unknown codec {request.codec!r}; known: {', '.join(codec.codec_names(IMAGE_SOURCE))}"
     return None
 
 
@@ -152,7 +156,7 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
         self._codec_weights = Path(codec.__file__).resolve().parent / "weights"
 
     def metric_labels(self, request: meg_pb2.GenerateRequest) -> tuple[str, str]:
-        codec_label = request.codec if request.codec in codec.codec_names() else "invalid"
+        codec_label = request.codec if request.codec in codec.codec_names(IMAGE_SOURCE) else "invalid"
         return codec_label, channel_label(request.channel.model)
 
     async def decode_request(self, request: meg_pb2.GenerateRequest, ctx: CallContext) -> EdgeWork:
@@ -254,17 +258,24 @@ async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
     """Run the edge until SIGINT/SIGTERM, then drain in-flight work for up to ``grace_s``."""
     metrics = MegMetrics("edge")
     backend = load_backend(config.model_dir, device=config.device, dtype=config.torch_dtype())
-    scheduler = StepScheduler(DiffusionStepModel(backend), config.engine, metrics, cpu=backend.device.type == "cpu")
+    cpu = backend.device.type == "cpu"
+    scheduler = StepScheduler(DiffusionStepModel(backend), config.engine, metrics, cpu=cpu, name="edge-compute")
     api = EdgeApi(backend, scheduler, metrics, max_pixel_steps=config.max_pixel_steps)
+    sessions = load_llm_sessions(config, metrics, cpu)
     # Under mutual TLS only the channel emulator may call the edge: no client skips the emulated link.
     peers = ("channel",) if credentials is not None else ()
 
     def register(server: grpc.aio.Server) -> None:
         add_streaming_api(server, api, metrics, SERVICE_NAME, "Generate", meg_pb2.GenerateRequest,
                           meg_pb2.GenerateResponse, allowed_peers=peers)
+        if sessions is not None:
+            add_session_api(server, "edge", sessions.handle, metrics, SESSION_SERVICE, "Session",
+                            meg_pb2.SessionUp, meg_pb2.SessionDown, allowed_peers=peers)
 
     async def on_stop() -> None:
-        await asyncio.get_running_loop().run_in_executor(None, scheduler.stop, True, config.grace_s)
+        stops = [scheduler] + ([sessions.scheduler] if sessions is not None else [])
+        for s in stops:
+            await asyncio.get_running_loop().run_in_executor(None, s.stop, True, config.grace_s)
         api.close()
 
     e = config.engine
@@ -273,5 +284,18 @@ async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
     server = GrpcServerConfig("edge", config.host, config.port, config.metrics_port, config.grace_s,
                               grpc_server_options(), insecure=config.insecure_grpc)
     watchdog = progress_watchdog(scheduler, ("", SERVICE_NAME), config.watchdog_s)
-    await run_grpc_service(server, register, metrics, credentials=credentials, health_status={SERVICE_NAME: SERVING},
+    health = {SERVICE_NAME: SERVING, **({SESSION_SERVICE: SERVING} if sessions is not None else {})}
+    await run_grpc_service(server, register, metrics, credentials=credentials, health_status=health,
                            background=[watchdog], on_stop=on_stop, ready=ready)
+
+
+def load_llm_sessions(config: EdgeConfig, metrics: MegMetrics, cpu: bool) -> LlmSessionApi | None:
+    """The split language model's session service, or None when disabled."""
+    if not config.llm.llm_enabled:
+        return None
+    llm = load_llm(config.llm.llm_dir, device=config.device, dtype=config.torch_dtype())
+    scheduler = StepScheduler(LlmEdgeStepModel(), config.llm.scheduler(), metrics, cpu=cpu, name="edge-llm")
+    api = LlmSessionApi(llm, llm_model_id(config.llm.llm_dir), config.llm, scheduler, metrics)
+    log.info("edge LLM %s: %d layers, default split k=%d, sessions ≤ %d, KV ≤ %.0f MiB", api.model_id,
+             api.num_layers, api.default_split, config.llm.llm_max_sessions, config.llm.llm_max_kv_mb)
+    return api

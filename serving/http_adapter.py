@@ -31,7 +31,7 @@ class ClientGone(Exception):
     """The REST client disconnected before the answer was ready."""
 
 
-async def _until_done_or_gone(task: asyncio.Task, disconnected: Callable[[], Awaitable[bool]]) -> Any:
+async def until_done_or_gone(task: asyncio.Task, disconnected: Callable[[], Awaitable[bool]]) -> Any:
     while not task.done():
         await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
         if not task.done() and await disconnected():
@@ -52,7 +52,7 @@ async def respond(api: StreamingApi, body: Any, metrics: MegMetrics, disconnecte
     status = "ok"
     try:
         work = await api.decode_request(body, ctx)
-        result = await _until_done_or_gone(asyncio.ensure_future(api.run(work, ctx)), disconnected)
+        result = await until_done_or_gone(asyncio.ensure_future(api.run(work, ctx)), disconnected)
         frames = [frame async for frame in api.encode_response(result, ctx)]
         return frames[-1]
     except RequestError as exc:

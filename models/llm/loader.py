@@ -101,3 +101,9 @@ def load_llm(
     logger.info("loaded %s (%s, %d layers) from %s", type(model).__name__, model.config.model_type,
                 model.config.num_hidden_layers, root)
     return LoadedLlm(model, tokenizer, root)
+
+
+def llm_model_id(path: str | Path) -> str:
+    """The id a served model answers to: ``shapes-llm-v1`` for the embedded folder, else the folder's name."""
+    name = Path(path).resolve().name
+    return "shapes-llm-v1" if name == "shapes_llm_v1" else name

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from edge_server.diffusion import DiffusionJob, DiffusionStepModel
-from edge_server.scheduler import (
+from serving.scheduler import (
     Completion, QueueFullError, SchedulerConfig, SchedulerStoppedError, StepScheduler,
 )
 from models.backends import BatchItem, load_backend

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from grpc_health.v1 import health, health_pb2
 
-from edge_server.scheduler import SchedulerConfig, StepScheduler
+from serving.scheduler import SchedulerConfig, StepScheduler
 from edge_server.watchdog import progress_watchdog
 
 WAIT_S = 30.0

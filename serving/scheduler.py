@@ -57,7 +57,7 @@ class QueueFullError(RuntimeError):
     """The queue is full; retry after ``retry_after_s``."""
 
     def __init__(self, depth: int, retry_after_s: float) -> None:
-        super().__init__(f"edge queue is full ({depth} requests waiting); retry after {retry_after_s:.1f} s")
+        super().__init__(f"queue is full ({depth} requests waiting); retry after {retry_after_s:.1f} s")
         self.retry_after_s = retry_after_s
 
 
@@ -158,7 +158,7 @@ class StepScheduler(Generic[JobT, StateT, ResultT]):
     """
 
     def __init__(self, model: StepModel[JobT, StateT, ResultT], config: SchedulerConfig,
-                 metrics: MegMetrics | None = None, *, cpu: bool = True, name: str = "edge-compute") -> None:
+                 metrics: MegMetrics | None = None, *, cpu: bool = True, name: str = "compute") -> None:
         self.model = model
         self.config = config
         self.policy = Policy(config.policy)
@@ -209,7 +209,7 @@ class StepScheduler(Generic[JobT, StateT, ResultT]):
     def _enqueue(self, ticket: _Ticket) -> None:
         with self._cond:
             if self._stopping:
-                raise SchedulerStoppedError("edge is shutting down")
+                raise SchedulerStoppedError("shutting down: no new work is accepted")
             if len(self._waiting) >= self.config.max_queue:
                 if self.metrics is not None:
                     self.metrics.error("queue_full")
@@ -248,7 +248,7 @@ class StepScheduler(Generic[JobT, StateT, ResultT]):
             torch.set_num_threads(self.cpu_threads)
         while self._next_iteration():
             pass
-        self._fail_all(SchedulerStoppedError("edge shut down before this request finished"))
+        self._fail_all(SchedulerStoppedError("shut down before this request finished"))
 
     def _next_iteration(self) -> bool:
         """One scheduling iteration: wait for work if idle, admit, step, hand back. False when stopped."""
