@@ -133,7 +133,8 @@ def add_chat_parser(sub: Any, default_url: str, default_api_key: str | None) -> 
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--api-key", default=default_api_key, help="REST API key (default: the first of $MEG_API_KEY)")
     chat.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each read")
-    chat.add_argument("--json", action="store_true", help="after the answer, print the meg summary as JSON")
+    chat.add_argument("--json", action="store_true",
+                      help="after the answer, print the meg summary (with the per-token figures) as JSON")
     return chat
 
 
@@ -203,7 +204,8 @@ def cmd_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     out.write("\n")
     print_summary(answer, out)
     if args.json:
-        out.write(json.dumps(answer.meg, indent=2) + "\n")
+        # The stream's final meg object has no per-token list (the stream gave it token by token): add it.
+        out.write(json.dumps({"tokens": answer.tokens, **answer.meg}, indent=2) + "\n")
     return 0
 
 
@@ -233,11 +235,17 @@ def print_summary(answer: ChatStream, out: TextIO) -> None:
         link += f" @ {float(channel['snr_db']):.1f} dB"
     out.write(f"codec {meg.get('codec', '?')}  channel {link}  split layer {meg.get('split_layer', '?')}  "
               f"finish {answer.finish_reason or '?'}\n")
-    count = len(tokens)
-    per_token = f" ({meg['bits_sent'] / count:.0f} bits/token)" if count and meg.get("bits_sent") is not None else ""
-    out.write(f"tokens {count}  ttft {_ms(meg.get('ttft_ms'))} ms  tpot {_ms(meg.get('tpot_ms'))} ms  "
-              f"bits sent {_int(meg.get('bits_sent'))}{per_token}  symbols {_int(meg.get('symbols_sent'))}  "
+    out.write(f"tokens {len(tokens)}  ttft {_ms(meg.get('ttft_ms'))} ms  tpot {_ms(meg.get('tpot_ms'))} ms  "
+              f"bits sent {_int(meg.get('bits_sent'))}  symbols {_int(meg.get('symbols_sent'))}  "
               f"airtime {_ms(meg.get('airtime_ms'), 3)} ms\n")
+    bits = [float(t["bits"]) for t in tokens if t.get("bits") is not None]
+    if len(bits) > 1:
+        # The first token's hidden state goes with the whole prompt's (prefill): a mean over all tokens would
+        # be mostly prompt, so the decode steps are averaged apart from it.
+        out.write(f"bits/token {sum(bits[1:]) / len(bits[1:]):.0f} after the first "
+                  f"(the first: {bits[0]:.0f}, with the prompt's hidden states)\n")
+    elif bits:
+        out.write(f"bits/token {bits[0]:.0f} (one token: with the prompt's hidden states)\n")
     if answer.usage:
         out.write("usage: " + "  ".join(f"{k} {v}" for k, v in answer.usage.items() if isinstance(v, int)) + "\n")
 

@@ -7,10 +7,12 @@ tested against the same clients in the testbed tests; this stub only mirrors the
 
 - ``GET /v1/models``, ``GET /v1/codecs?source=llm-hidden``, ``GET /v1/channels``
 - ``POST /v1/chat/completions`` with ``stream: true``: ``chat.completion.chunk`` events whose content chunks
-  carry ``meg_token``, a final chunk with ``finish_reason`` and ``meg``, a usage chunk when asked, ``[DONE]``.
+  carry ``meg_token``, a final chunk with ``finish_reason`` and ``meg``, a usage chunk when asked, ``[DONE]``;
+  an error mid-stream is ``{"error": {"message", "type", "code"}}`` then ``[DONE]``
+  (device_client/openai_api.py is the real thing).
 
 Prompts that script a failure: one holding ``FAIL-MIDSTREAM`` streams one token, then an error event;
-``FAIL-BEFORE`` is answered 400 with an OpenAI error object.
+``FAIL-BEFORE`` is refused before the stream (422 with a ``detail``, as the device refuses).
 """
 
 from __future__ import annotations
@@ -110,9 +112,7 @@ class StubDevice:
             self.requests.append(body)
             prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
             if "FAIL-BEFORE" in prompt:
-                return JSONResponse({"error": {"message": "split_layer: must be between 1 and 3",
-                                               "type": "invalid_request_error", "code": "invalid_value"}},
-                                    status_code=400)
+                return JSONResponse({"detail": "split_layer: must be in [1, 4]"}, status_code=422)
             return StreamingResponse(self._events(body, prompt), media_type="text/event-stream")
 
         return app
@@ -136,8 +136,8 @@ class StubDevice:
             yield _sse({**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
                         "meg_token": figures})
             if "FAIL-MIDSTREAM" in prompt:
-                yield _sse({"error": {"message": "the channel emulator went away", "type": "server_error",
-                                      "code": "upstream_unavailable"}})
+                yield _sse({"error": {"message": "the channel emulator went away", "type": "upstream_unavailable",
+                                      "code": 503}})
                 yield "data: [DONE]\n\n"
                 return
         latencies = [t["latency_ms"] for t in per_token]

@@ -679,9 +679,10 @@ async function loadLlmCatalogue() {
     llm.codecs = codecs.codecs || [];
     fillSelect($("llm-codec"), llm.codecs.map((c) => c.name), codecs.default);
     const meg = llm.model.meg || {};
-    // Split after layer k: the edge runs layers 1..k, the device k+1..N; both sides run at least one layer.
+    // Split after layer k: the edge runs layers 1..k, the device k+1..N (at k = N only the final norm and the
+    // output head), the range the API accepts.
     const layers = [];
-    for (let k = 1; k < (meg.num_layers || 2); k++) layers.push(String(k));
+    for (let k = 1; k <= (meg.num_layers || 1); k++) layers.push(String(k));
     fillSelect($("llm-split"), layers, String(meg.default_split_layer));
     fillSelect($("llm-channel"), state.channels.map((c) => c.name), "awgn");
     onLlmCodecChange();

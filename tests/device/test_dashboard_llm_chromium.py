@@ -44,6 +44,7 @@ def stub() -> Iterator[tuple[StubDevice, str]]:
 
 
 def open_dashboard(driver: Any, url: str) -> None:
+    driver.get_log("browser")  # drop what earlier tests logged (a refused request is logged as SEVERE)
     driver.get(url + "/")
     wait_for(driver, lambda d: d.execute_script("return document.body.dataset.llmReady") == "true", 60,
              "the language model's catalogue (GET /v1/models, /v1/codecs?source=llm-hidden)")
@@ -72,9 +73,9 @@ def test_llm_panel_streams_the_answer_with_per_token_figures(browser: Any, stub:
     device, url = stub
     open_dashboard(browser, url)
     assert [o.text for o in Select(browser.find_element("id", "llm-codec")).options] == ["raw-fp16", "analog"]
-    # Split points 1..N-1 of the model's 4 layers, its default chosen.
+    # Split points 1..N of the model's 4 layers (the API's range), its default chosen.
     split = Select(browser.find_element("id", "llm-split"))
-    assert [o.text for o in split.options] == ["1", "2", "3"] and split.first_selected_option.text == "2"
+    assert [o.text for o in split.options] == ["1", "2", "3", "4"] and split.first_selected_option.text == "2"
     # The link controls follow codec and channel: modulation and FEC for digital payloads on a modelled link.
     Select(browser.find_element("id", "llm-codec")).select_by_value("analog")
     assert not browser.find_element("id", "llm-modulation").is_enabled()
@@ -131,7 +132,7 @@ def test_llm_panel_shows_an_error_that_arrives_mid_stream(browser: Any, stub: tu
     open_dashboard(browser, url)
     ask(browser, QUESTION + " FAIL-MIDSTREAM")
     assert wait_answered(browser, 30) == "error"
-    assert llm_error(browser) == "the channel emulator went away (server_error, upstream_unavailable)"
+    assert llm_error(browser) == "the channel emulator went away (upstream_unavailable, 503)"
     assert browser.execute_script("return document.getElementById('llm-answer').textContent") == " bl"
     assert data(browser, "llm-chart-latency", "points") == "1"
     assert browser.find_element("id", "llm-send").is_enabled()
@@ -142,7 +143,7 @@ def test_llm_panel_shows_a_rejected_request(browser: Any, stub: tuple[StubDevice
     open_dashboard(browser, url)
     ask(browser, "FAIL-BEFORE")
     assert wait_answered(browser, 30) == "error"
-    assert llm_error(browser) == "HTTP 400: split_layer: must be between 1 and 3 (invalid_request_error, invalid_value)"
+    assert llm_error(browser) == "HTTP 422: split_layer: must be in [1, 4]"
     assert browser.execute_script("return document.getElementById('llm-answer').textContent") == ""
 
 

@@ -3,6 +3,7 @@ scripted stub device (tests/llm_stub.py: slow streams and failures on demand), t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -101,8 +102,9 @@ def test_chat_streams_the_answer_then_prints_per_token_figures_and_totals(
     rows = [line.split() for line in lines[2:4]]
     assert [r[:4] for r in rows] == [["0", '"', 'bl"', str(BITS_PER_TOKEN)], ["1", '"ue"', str(BITS_PER_TOKEN), "1024"]]
     assert "codec analog  channel awgn @ 12.0 dB  split layer 3  finish stop" in out
-    assert re.search(r"tokens 2  ttft [\d.]+ ms  tpot [\d.]+ ms  bits sent 4096 \(2048 bits/token\)  "
-                     r"symbols 2048  airtime 1\.000 ms", out), out
+    assert re.search(r"tokens 2  ttft [\d.]+ ms  tpot [\d.]+ ms  bits sent 4096  symbols 2048  airtime 1\.000 ms",
+                     out), out
+    assert "bits/token 2048 after the first (the first: 2048, with the prompt's hidden states)" in out
     assert "usage: prompt_tokens 12  completion_tokens 2  total_tokens 14" in out
 
 
@@ -122,9 +124,12 @@ def test_chat_sends_the_api_key_of_the_environment(stub: tuple[StubDevice, str],
     monkeypatch.setenv("MEG_API_KEY", "k-chat, k-other")
     assert cli.main(["chat", QUESTION, "--url", url]) == 0
     assert seen == ["Bearer k-chat", "Bearer k-chat"]  # GET /v1/models, then the chat request
-    assert cli.main(["chat", QUESTION, "--url", url, "--api-key", "k-flag", "--model", MODEL_ID]) == 0
-    assert seen[-1] == "Bearer k-flag" and len(seen) == 3  # --model given: no GET /v1/models
     capsys.readouterr()
+    assert cli.main(["chat", QUESTION, "--url", url, "--api-key", "k-flag", "--model", MODEL_ID, "--json"]) == 0
+    assert seen[-1] == "Bearer k-flag" and len(seen) == 3  # --model given: no GET /v1/models
+    out = capsys.readouterr().out
+    meg = json.loads(out[out.index("{"):])  # --json: the summary last, with the stream's per-token figures
+    assert meg["bits_sent"] == 2 * BITS_PER_TOKEN and [t["text"] for t in meg["tokens"]] == [" bl", "ue"]
 
 
 def test_an_error_mid_stream_is_reported_after_the_partial_answer(stub: tuple[StubDevice, str],
@@ -133,7 +138,7 @@ def test_an_error_mid_stream_is_reported_after_the_partial_answer(stub: tuple[St
     assert cli.main(["chat", QUESTION + " FAIL-MIDSTREAM", "--url", url]) == 1
     out, err = capsys.readouterr()
     assert out == " bl"
-    assert err.strip() == "error: the channel emulator went away (server_error, upstream_unavailable)"
+    assert err.strip() == "error: the channel emulator went away (upstream_unavailable, 503)"
 
 
 def test_an_http_error_is_one_line_and_exit_1(stub: tuple[StubDevice, str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,7 +146,7 @@ def test_an_http_error_is_one_line_and_exit_1(stub: tuple[StubDevice, str], caps
     assert cli.main(["chat", "FAIL-BEFORE", "--url", url]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.strip() == "error 400: split_layer: must be between 1 and 3 (invalid_request_error, invalid_value)"
+    assert err.strip() == "error 422: split_layer: must be in [1, 4]"
     assert cli.main(["chat", QUESTION, "--url", url + "/nowhere"]) == 1  # GET /v1/models answers 404
     assert capsys.readouterr().err.startswith("error 404: ")
 
@@ -173,6 +178,7 @@ def test_meg_chat_against_the_testbed_answers_the_colour(testbed: Testbed) -> No
     summary = re.search(r"tokens (\d+)  ttft ([\d.]+) ms  tpot [\d.-]+ ms  bits sent (\d+)", proc.stdout)
     assert summary and int(summary.group(1)) == len(rows) and float(summary.group(2)) > 0, proc.stdout
     assert "channel awgn @ 30.0 dB" in proc.stdout
+    assert re.search(r"^bits/token \d+ ", proc.stdout, re.M), proc.stdout
 
 
 def test_meg_chat_reports_a_rejected_request_and_exits_1(testbed: Testbed) -> None:
