@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "overhead": "one request through the testbed vs the same model in one process",
     "soak": "a bounded soak of `meg up` with injected faults: lost requests, recovery times, RSS growth",
     "link": "per-request LDPC time in the channel emulator, chain built per request vs reused",
+    "llm": "split LLM: accuracy/agreement/PSNR vs bits per hidden value, accuracy vs SNR, TTFT/TPOT and tokens/s",
 }
 
 
@@ -132,7 +133,20 @@ def _link() -> argparse.ArgumentParser:
     return p
 
 
-_PARSERS = {"snr": _snr, "rate": _rate, "serve": _serve, "overhead": _overhead, "soak": _soak, "link": _link}
+def _llm() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meg bench llm", description=BENCHMARKS["llm"])
+    p.add_argument("--parts", nargs="+", choices=("rate", "snr", "speed"), default=["rate", "snr", "speed"],
+                   help="which parts to run (default: all)")
+    p.add_argument("--llm-dir", type=Path, default=None, help="default: the embedded models/shapes_llm_v1")
+    p.add_argument("--prompts", type=int, default=None, help="held-out prompts per point (default 200; --quick 24)")
+    p.add_argument("--tokens", type=int, default=None, help="answer length of the speed part (default 32)")
+    p.add_argument("--requests", type=int, default=None, help="timed requests per link (default 10; --quick 3)")
+    _out(p)
+    p.add_argument("--quick", action="store_true", help="few prompts, few requests (results under _tmp)")
+    return p
+
+
+_PARSERS = {"snr": _snr, "rate": _rate, "serve": _serve, "overhead": _overhead, "soak": _soak, "link": _link, "llm": _llm}
 
 
 def build_parser(which: str) -> argparse.ArgumentParser:

@@ -38,6 +38,8 @@ from wire.payload import CodecError
 
 log = logging.getLogger(__name__)
 
+#: Header params that describe one message rather than the codec's configuration.
+PER_MESSAGE_PARAMS = frozenset({"side_info", "coded_tensors"})
 #: Bits of one token id going up (a 32-bit id; the uplink's CRC and coding show in its channel uses).
 TOKEN_ID_BITS = 32
 
@@ -116,11 +118,20 @@ class LlmDevice:
             max_batch=config.llm_max_batch, window_ms=0.0, max_queue=1024), metrics,
             cpu=torch.device(torch_device).type == "cpu", name="device-llm")
         self._halves: dict[int, DeviceHalf] = {}
+        self._sets: dict[int, tuple[Path, tuple[str, str]]] = {}
 
     def describe(self) -> dict[str, Any]:
         return {"num_layers": self.num_layers, "hidden_size": int(self.llm.model.config.hidden_size),
                 "default_split_layer": max(1, self.num_layers // 2), "context_length": self.context_length,
                 "codecs": codec.codec_names(LLM_SOURCE)}
+
+    def codec_set(self, k: int) -> tuple[Path, tuple[str, str]]:
+        """Folder and (id, hash) of this device's codec set at split ``k`` (read once: sets change only with
+        a restart)."""
+        if k not in self._sets:
+            folder = codec_set_dir(self.config.llm_dir, k)
+            self._sets[k] = folder, codec_set_identity(folder, self.model_id, k)
+        return self._sets[k]
 
     def half(self, k: int) -> DeviceHalf:
         if k not in self._halves:
@@ -158,6 +169,7 @@ class CompletionJob:
     spec: ChannelSpec
     split_layer: int        # 0: the edge's default
     timeout_s: float
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -229,15 +241,17 @@ class LlmGeneration:
             accepted = await self._read(call, "accepted")
             k = accepted.accepted.split_layer
             half, cache = self.device.half(k), self.device.half(k).new_cache()
-            stops = _Stops(self.device.tokenizer, self.device.stop_ids, job.stop, job.max_tokens)
+            stops = _Stops(self.device.tokenizer, frozenset() if job.ignore_eos else self.device.stop_ids, job.stop,
+                           job.max_tokens)
             generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
             totals = {"bits": 0, "symbols": 0, "airtime_ms": 0.0}
             labels = self.metrics.labels(self.device.model_id, job.codec, job.spec.model, job.spec.snr_db)
             times: list[float] = []
+            codecs: dict[tuple, codec.Codec] = {}
             position = 0
             while stops.finish is None:
                 down = (await self._read(call, "hidden")).hidden
-                hidden = self._decode(down, job, k)
+                hidden = self._decode(down, job, k, codecs)
                 logits = await self.device.forward(DeviceForward(half, cache, hidden, position), job.request_id)
                 token = int(sample(logits[0], job.temperature, job.top_p, generator))
                 position += int(down.rows)
@@ -280,16 +294,21 @@ class LlmGeneration:
                                label="bad_stream")
         return message
 
-    def _decode(self, down: meg_pb2.HiddenStates, job: CompletionJob, k: int) -> torch.Tensor:
-        set_dir = codec_set_dir(self.device.config.llm_dir, k)
-        mine = codec_set_identity(set_dir, self.device.model_id, k)
+    def _decode(self, down: meg_pb2.HiddenStates, job: CompletionJob, k: int, codecs: dict[tuple, codec.Codec]
+                ) -> torch.Tensor:
+        set_dir, mine = self.device.codec_set(k)
         if (down.header.codec_set, down.header.codec_set_hash) != mine:
             raise RequestError(Status.BAD_STREAM, f"codec set mismatch: the edge coded with "
                                f"{down.header.codec_set!r} ({down.header.codec_set_hash[:12] or 'unfitted'}), this "
                                f"device has {mine[0]!r} ({mine[1][:12] or 'unfitted'})", label="codec_set_mismatch")
         try:
             payload = framing.payload_of_hidden(down)
-            hidden_codec = codec.build_codec(down.header.codec_id, dict(down.header.codec_params), set_dir)
+            # One codec per configuration for the session: building one may load fitted weights.
+            config = {k: v for k, v in down.header.codec_params.items() if k not in PER_MESSAGE_PARAMS}
+            key = (down.header.codec_id, tuple(sorted(config.items())))
+            if key not in codecs:
+                codecs[key] = codec.build_codec(down.header.codec_id, config, set_dir)
+            hidden_codec = codecs[key]
             erased = [(r.start, r.end) for r in down.channel.erased]
             reception = receive_features(hidden_codec, payload, link_may_have_damaged(job.spec, payload, erased),
                                          bound=None)

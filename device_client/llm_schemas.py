@@ -70,6 +70,8 @@ class CompletionCommon(BaseModel):
     codec_params: dict[str, str] = Field(default_factory=dict)
     channel: ChannelIn = Field(default_factory=ChannelIn)  # type: ignore[valid-type]
     split_layer: int | None = Field(None, ge=1, description="decoder layers the edge runs (default: the edge's)")
+    ignore_eos: bool = Field(False, description="generate max_tokens tokens, through end tokens (as vLLM's "
+                                                "extra parameter; benchmarks use it for fixed-length answers)")
 
     @field_validator("n")
     @classmethod

@@ -99,7 +99,7 @@ class OpenAiRoutes:
         job = CompletionJob(uuid.uuid4().hex[:16], ids, max_tokens, body.temperature or 0.0,
                             body.top_p if body.top_p is not None else 1.0, body.stop_list(), body.seed, codec_name,
                             dict(body.codec_params), channel_spec(body.channel), body.split_layer or 0,
-                            self.settings.request_timeout_s)
+                            self.settings.request_timeout_s, body.ignore_eos)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _Call(job, chat, body.model, int(time.time()), body.stream, include_usage)
 
