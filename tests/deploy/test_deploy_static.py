@@ -655,7 +655,7 @@ def test_promql_metric_name_extraction(expr, expected):
 # What the Docker build context leaves out (keep in sync with the repository's .dockerignore).
 DOCKER_CONTEXT_EXCLUDES = (".git", ".venv", ".whl", ".gl", ".ci", ".pytest_cache", "build", "dist", "runs",
                            "docs", "tests", "deploy", "docker", "__pycache__", "*.pyc", "*.egg-info",
-                           "shapes_v1")
+                           "shapes_v1", "shapes_llm_v1")
 # Runtime data the services load from their package directories (cf. [tool.setuptools.package-data]).
 DATA_SUFFIXES = {".safetensors", ".json", ".pt", ".txt", ".yml", ".yaml", ".html", ".js", ".css", ".png", ".svg"}
 
@@ -682,7 +682,7 @@ def image_wheel(tmp_path_factory) -> Path:
 
 def test_wheel_ships_package_data(image_wheel):
     """Containers run the installed wheel, not the checkout: every runtime data file in a package folder
-    must be inside it (the embedded model shapes_v1 is exempt: images mount it at /models)."""
+    must be inside it (the embedded models are exempt: images mount them at /models)."""
     names = set(zipfile.ZipFile(image_wheel).namelist())
     missing = []
     for pkg_path, src_dir in _package_dirs().items():
@@ -690,7 +690,7 @@ def test_wheel_ships_package_data(image_wheel):
             rel = f.relative_to(src_dir)
             if not f.is_file() or f.suffix not in DATA_SUFFIXES or "__pycache__" in rel.parts:
                 continue
-            if "shapes_v1" in rel.parts:
+            if {"shapes_v1", "shapes_llm_v1"} & set(rel.parts):
                 continue
             if pkg_path == "bench" and rel.parts[0] == "results":
                 continue  # committed benchmark results, not runtime data (.dockerignore drops them too)
