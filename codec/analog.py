@@ -61,4 +61,5 @@ class LinearAnalogMapper(AnalogMapper):
         return out
 
 
-register_preset("analog", "linear-analog", "Features as analog complex symbols, 2 values a symbol (MEG-DT)")
+register_preset("analog", "linear-analog", "Features as analog complex symbols, 2 values a symbol (MEG-DT)",
+                sources=("image", "llm-hidden"))
