@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         from models.llm.train import main as llm_main
 
         return llm_main(argv[1:])
+    if argv[:1] == ["codecs"]:  # `meg train codecs --source llm-hidden ...`: fitted hidden-state codec sets
+        from codec.fit_hidden import main as codecs_main
+
+        return codecs_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.finetune and args.stage not in FINETUNE_STAGES:
