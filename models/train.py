@@ -9,6 +9,10 @@ is only written with --overwrite. Checkpoints go to --work-dir/<stage>/ckpt.pt e
 (unet, classifier) starts from the component already in --out instead of a fresh one, so more
 training can be added to a family without redoing the stages it depends on (checkpoints then
 go to <stage>-finetune/).
+
+Two families have CLIs of their own, dispatched from here: ``meg train llm <stage>`` (the embedded language
+model, :mod:`models.llm.train`) and ``meg train codecs --source llm-hidden --model-dir DIR --split-layer K``
+(the fitted hidden-state codec set of a split LLM, :mod:`codec.fit_hidden`).
 """
 
 from __future__ import annotations
