@@ -4,7 +4,9 @@ Importing this package registers the built-in stages and codecs; add a new one w
 in the list below.
 """
 
-from codec import analog, jscc, learned, merging, packing, raw, transforms, uint8_rans  # noqa: F401  (registration side effects)
+from codec import (  # noqa: F401  (registration side effects)
+    analog, hidden_jscc, hidden_quant, hidden_sets, jscc, learned, merging, outliers, packing, raw, transforms, uint8_rans,
+)
 from codec.base import Codec, CodecError, EncodedPayload, TensorInfo
 from codec.registry import build_codec, codec_names, list_codecs
 

@@ -1,4 +1,8 @@
-"""``raw-fp16``: the features as IEEE half floats, no compression (the MEG-DT digital baseline)."""
+"""``raw-fp16`` and ``raw-fp32``: the features as IEEE floats, no compression.
+
+``raw-fp16`` is the MEG-DT digital baseline. ``raw-fp32`` sends the exact float32 bytes: the lossless
+reference against which a split LLM must reproduce the monolithic model token for token.
+"""
 
 from __future__ import annotations
 
@@ -34,12 +38,9 @@ class Fp16Coder(SourceCoder):
         return out
 
 
-register_preset("raw-fp16", "fp16", "Features as float16, uncompressed (digital)", sources=("image", "llm-hidden"))
-
-
 @register_terminal("fp32")
 class Fp32Coder(SourceCoder):
-    """The exact float32 bytes, little-endian, in header order: lossless (the split's identity check)."""
+    """Concatenates the tensors as little-endian float32, in header order (bit-exact)."""
 
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         del params, weights_dir
@@ -54,9 +55,12 @@ class Fp32Coder(SourceCoder):
         out, pos = {}, 0
         for info in infos:
             n = 4 * info.numel
-            out[info.name] = torch.from_numpy(np.frombuffer(data[pos:pos + n], dtype="<f4").reshape(info.shape).copy())
+            values = np.frombuffer(data[pos:pos + n], dtype="<f4").astype(np.float32)
+            out[info.name] = torch.from_numpy(values.reshape(info.shape).copy())
             pos += n
         return out
 
 
-register_preset("raw-fp32", "fp32", "Features as float32, exact (digital, lossless)", sources=("image", "llm-hidden"))
+register_preset("raw-fp16", "fp16", "Features as float16, uncompressed (digital)", sources=("image", "llm-hidden"))
+register_preset("raw-fp32", "fp32", "Features as exact float32, uncompressed (digital, lossless)",
+                sources=("image", "llm-hidden"))

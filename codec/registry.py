@@ -4,6 +4,11 @@ A codec is chosen per request by name: either a preset (``raw-fp16``, ``uint8``,
 composition of registered stage names joined by ``+`` and ending in a terminal coder, e.g.
 ``dtufc+hyperprior``. Adding a stage is one file with ``@register_stage`` plus one import line in
 ``codec/__init__.py``.
+
+Every preset names the feature *sources* it is meant for (:data:`SOURCES`): ``"image"`` (the diffusion
+model's latents) and ``"llm-hidden"`` (a language model's hidden states after the edge's last layer, sent as
+``{"hidden": (1, T, d)}``). A service lists only the codecs of its source, so an image request never offers a
+codec whose fitted set belongs to a language model; generic codecs (``raw-fp16``, ``analog`` ...) serve both.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from codec.base import AnalogMapper, Codec, CodecError, SourceCoder, TensorStage
+from codec.sets import SOURCES
 from serving.registry import Registry
 
 STAGES: Registry[type[TensorStage]] = Registry("codec stage")
@@ -24,13 +30,13 @@ S = TypeVar("S", bound=type)
 
 @dataclass(frozen=True)
 class CodecPreset:
-    """A named codec: its stage spec, default parameters and a one-line description."""
+    """A named codec: its stage spec, default parameters, a one-line description and the feature sources
+    (:data:`SOURCES`) it serves."""
 
     name: str
     spec: str
     description: str
     params: dict[str, str] = field(default_factory=dict)
-    #: the feature sources this codec applies to (see codec.sets)
     sources: tuple[str, ...] = ("image",)
 
 
@@ -42,17 +48,31 @@ def register_terminal(name: str) -> Callable[[S], S]:
     return TERMINALS.register(name)
 
 
+def _check_source(source: str) -> str:
+    if source not in SOURCES:
+        raise CodecError(f"unknown feature source {source!r}; known: {', '.join(SOURCES)}")
+    return source
+
+
 def register_preset(name: str, spec: str, description: str, sources: tuple[str, ...] = ("image",),
                     **params: str) -> None:
-    PRESETS.add(name, CodecPreset(name, spec, description, dict(params), tuple(sources)))
+    """Register preset ``name``: ``spec`` (``+``-joined stages and a terminal), default ``params`` and the
+    feature ``sources`` it serves (default: image latents only, what every preset served before sources)."""
+    if not sources:
+        raise ValueError(f"preset {name!r} must serve at least one source")
+    PRESETS.add(name, CodecPreset(name, spec, description, dict(params), tuple(_check_source(s) for s in sources)))
 
 
 def codec_names(source: str | None = None) -> list[str]:
-    """The codec presets, all or those for one feature source."""
-    return sorted(n for n in PRESETS.names() if source is None or source in PRESETS.get(n).sources)
+    """Sorted preset names; with ``source``, only the presets serving that feature source."""
+    if source is None:
+        return sorted(PRESETS.names())
+    _check_source(source)
+    return sorted(n for n in PRESETS.names() if source in PRESETS.get(n).sources)
 
 
 def list_codecs(source: str | None = None) -> list[CodecPreset]:
+    """The presets (all, or those serving ``source``), sorted by name."""
     return [PRESETS.get(n) for n in codec_names(source)]
 
 

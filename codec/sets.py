@@ -32,6 +32,6 @@ def codec_set_identity(set_dir: Path, model_id: str, split_layer: int, source: s
     if not config.is_file():
         return name, ""
     try:
-        return name, str(json.loads(config.read_text(encoding="utf-8")).get("hash", ""))
+        return name, str(json.loads(config.read_text(encoding="utf-8")).get("content_hash", ""))
     except (OSError, ValueError):
         return name, ""

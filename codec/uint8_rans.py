@@ -116,4 +116,5 @@ class Uint8RansCoder(SourceCoder):
         return out
 
 
-register_preset("uint8", "rans8", "Per-tensor uniform 8-bit quantisation + rANS entropy coding (digital)")
+register_preset("uint8", "rans8", "Per-tensor uniform 8-bit quantisation + rANS entropy coding (digital)",
+                sources=("image", "llm-hidden"))

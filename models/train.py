@@ -9,6 +9,10 @@ is only written with --overwrite. Checkpoints go to --work-dir/<stage>/ckpt.pt e
 (unet, classifier) starts from the component already in --out instead of a fresh one, so more
 training can be added to a family without redoing the stages it depends on (checkpoints then
 go to <stage>-finetune/).
+
+Two families have CLIs of their own, dispatched from here: ``meg train llm <stage>`` (the embedded language
+model, :mod:`models.llm.train`) and ``meg train codecs --source llm-hidden --model-dir DIR --split-layer K``
+(the fitted hidden-state codec set of a split LLM, :mod:`codec.fit_hidden`).
 """
 
 from __future__ import annotations
@@ -173,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         from models.llm.train import main as llm_main
 
         return llm_main(argv[1:])
+    if argv[:1] == ["codecs"]:  # `meg train codecs --source llm-hidden ...`: fitted hidden-state codec sets
+        from codec.fit_hidden import main as codecs_main
+
+        return codecs_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.finetune and args.stage not in FINETUNE_STAGES:

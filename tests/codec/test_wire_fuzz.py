@@ -39,6 +39,9 @@ from meg.v1 import meg_pb2
 from conftest import Testbed
 
 WEIGHTS = Path(codec.__file__).resolve().parent / "weights"
+#: The embedded LLM's fitted codec set (k = 2): hidden-state codecs are fuzzed on hidden states with it.
+LLM_SET = Path(__file__).resolve().parents[2] / "models" / "shapes_llm_v1" / "codecs" / "llm-hidden-k2"
+HIDDEN_SHAPE = (1, 6, 128)
 #: Compositions besides the presets, so every stage's inverse (token merging, FCM, DT-UFC, tiling) is fuzzed
 #: even while the presets that use it wait for their weights.
 COMPOSITIONS = ("merge+linear-analog", "merge+fp16", "fcm+fp16", "dtufc+rans8", "tile+fp16")
@@ -79,15 +82,26 @@ def crc_framed(name: str) -> bool:
     return resolve_spec(name)[0].split("+")[-1] == "learned"
 
 
+def for_hidden_states(name: str) -> bool:
+    """A codec only for LLM hidden states (its fitted data is the LLM's codec set)."""
+    return name not in codec.codec_names("image") and name in codec.codec_names("llm-hidden")
+
+
+def weights_for(name: str) -> Path:
+    return LLM_SET if for_hidden_states(name) else WEIGHTS
+
+
 @functools.lru_cache(maxsize=None)
 def _reference(name: str) -> tuple[Codec, EncodedPayload] | str:
     try:
-        built = codec.build_codec(name, {}, WEIGHTS)
+        built = codec.build_codec(name, {}, weights_for(name))
     except CodecError as exc:
         if "missing" in str(exc):
-            return f"codec {name!r} skipped: its weights are not in codec/weights yet ({exc})"
+            return f"codec {name!r} skipped: its weights are not in {weights_for(name)} yet ({exc})"
         raise
     generator = torch.Generator().manual_seed(0)
+    if for_hidden_states(name):
+        return built, built.encode({"hidden": 3.0 * torch.randn(HIDDEN_SHAPE, generator=generator)})
     latents = 1.5 * torch.randn(LATENT_SHAPE, generator=generator)
     return built, built.encode({"latents": latents})
 
@@ -116,7 +130,7 @@ def decode_cleanly(built: Codec, payload: EncodedPayload) -> bool:
 def device_decode(codec_id: str, payload: EncodedPayload) -> bool:
     """What the device does with a received stream: build the codec from the header, then decode."""
     try:
-        built = codec.build_codec(codec_id, dict(payload.params), WEIGHTS)
+        built = codec.build_codec(codec_id, dict(payload.params), weights_for(codec_id))
     except CodecError:
         return False
     return decode_cleanly(built, payload)
