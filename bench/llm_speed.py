@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,29 +59,31 @@ def monolithic_timing(llm: LoadedLlm, prompt: str, tokens: int) -> tuple[float, 
     started = time.perf_counter()
     ids = llm.tokenizer(prompt, return_tensors="pt").input_ids
     cache = DynamicCache()
-    out = llm.model(ids, past_key_values=cache, use_cache=True)
+    out = llm.model(ids, cache=cache, use_cache=True)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     first = time.perf_counter()
     for _ in range(tokens - 1):
-        out = llm.model(token, past_key_values=out.past_key_values, use_cache=True)
+        out = llm.model(token, cache=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     last = time.perf_counter()
     return first - started, (last - first) / max(1, tokens - 1)
 
 
-def _request(channel: dict[str, Any], tokens: int, codec: str) -> dict[str, Any]:
-    return {"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "temperature": 0,
+def _request(channel: dict[str, Any], tokens: int, codec: str, model: str = MODEL) -> dict[str, Any]:
+    return {"model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "temperature": 0,
             "codec": codec, "channel": channel}
 
 
-def latency_rows(bed: LocalTestbed, config: SpeedConfig) -> list[dict[str, Any]]:
+def latency_rows(bed: LocalTestbed, config: SpeedConfig,
+                 links: tuple[tuple[str, dict[str, Any]], ...] = LATENCY_LINKS) -> list[dict[str, Any]]:
     """TTFT/TPOT through the testbed per link, interleaved with the monolithic model (A/B, medians)."""
     rows = []
     llm = load_llm(config.llm_dir)
     torch.set_num_threads(1)  # as the services' compute threads on this host (see serving.scheduler)
     with httpx.Client(base_url=bed.url, timeout=120) as client:
-        for label, channel in LATENCY_LINKS:
-            body = _request(channel, config.tokens, config.codec)
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        for label, channel in links:
+            body = _request(channel, config.tokens, config.codec, model)
             split, mono = [], []
             for i in range(config.warmup + config.requests):
                 r = client.post("/v1/completions", json=body)
@@ -91,7 +95,7 @@ def latency_rows(bed: LocalTestbed, config: SpeedConfig) -> list[dict[str, Any]]
                     mono.append((1e3 * m[0], 1e3 * m[1]))
             ttft, tpot = statistics.median(s[0] for s in split), statistics.median(s[1] for s in split)
             mono_ttft, mono_tpot = statistics.median(m[0] for m in mono), statistics.median(m[1] for m in mono)
-            rows.append({"part": "latency", "link": label, "codec": config.codec, "tokens": config.tokens,
+            rows.append({"part": "latency", "model": model, "link": label, "codec": config.codec, "tokens": config.tokens,
                          "ttft_ms": ttft, "tpot_ms": tpot, "mono_ttft_ms": mono_ttft, "mono_tpot_ms": mono_tpot,
                          "tpot_ratio": tpot / mono_tpot, "ttft_ratio": ttft / mono_ttft,
                          "bits_per_token": statistics.median(s[2] for s in split) / config.tokens,
@@ -129,8 +133,29 @@ def throughput_rows(bed: LocalTestbed, batching: bool, config: SpeedConfig) -> l
     return rows
 
 
+def synthetic_llm_dir(out: Path, like: Path, hidden: int = 1024, layers: int = 8) -> Path:
+    """A bigger Llama of the embedded model's shape family with random weights (and its tokenizer), so the
+    latency table can show how the testbed's fixed per-token overhead compares with a model whose compute
+    per token is not ~1 ms. Built from a config: nothing is downloaded."""
+    import json
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = json.loads((like / "config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(like / name, out / name)
+    config = LlamaConfig(**{**base, "hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
+                            "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64, "head_dim": 64})
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
 def run_speed(config: SpeedConfig, log_dir: Path | None = None) -> list[dict[str, Any]]:
-    """The latency table (batching on) and tokens/s with batching on and off; one testbed each."""
+    """The latency table (batching on) and tokens/s with batching on and off; one testbed each; then the
+    zero-airtime latency of a bigger random-weight Llama (compute per token ≫ the fixed overhead)."""
     rows: list[dict[str, Any]] = []
     for batching in (True, False):
         flags = [] if batching else ["--llm-max-batch", "1"]
@@ -140,6 +165,17 @@ def run_speed(config: SpeedConfig, log_dir: Path | None = None) -> list[dict[str
             if batching:
                 rows += latency_rows(bed, config)
             rows += throughput_rows(bed, batching, config)
+        finally:
+            bed.down()
+    with tempfile.TemporaryDirectory(prefix="meg-llm-synthetic-") as tmp:
+        big = synthetic_llm_dir(Path(tmp), config.llm_dir)
+        flags = ["--llm-dir", str(big)]
+        bed = LocalTestbed(edge_args=flags, device_args=flags, log_dir=log_dir)
+        try:
+            bed.up()
+            big_config = dataclasses.replace(config, llm_dir=big, requests=max(3, config.requests // 2))
+            for row in latency_rows(bed, big_config, links=LATENCY_LINKS[:1]):
+                rows.append({**row, "model": "random Llama d=1024 x 8 layers"})
         finally:
             bed.down()
     return rows
