@@ -95,7 +95,8 @@ def fit_dtufc(hidden: torch.Tensor) -> dict[str, torch.Tensor]:
     for k in DTUFC_K:
         centres = kmeans_1d(sample, k)
         out[f"centres_k{k}"] = centres.float()
-        out[f"counts_k{k}"] = torch.bincount(nearest_centre(hidden.reshape(-1), centres.float()), minlength=k).double()[None]
+        codes = nearest_centre(hidden.reshape(-1), centres.float())
+        out[f"counts_k{k}"] = torch.bincount(codes, minlength=k).double()[None]
     return out
 
 
@@ -110,7 +111,8 @@ def train_jscc(hidden: torch.Tensor, steps: int = DEFAULT_JSCC_STEPS, batch: int
     perm = torch.randperm(hidden.shape[0], generator=gen)
     n_val = min(2000, hidden.shape[0] // 10)
     val, train = hidden[perm[:n_val]], hidden[perm[n_val:]]
-    net = HiddenJsccNet(dim=hidden.shape[1], symbols=symbols, snr_range_db=list(SNR_RANGE_DB), trained_rows=int(train.shape[0]))
+    net = HiddenJsccNet(dim=hidden.shape[1], symbols=symbols, snr_range_db=list(SNR_RANGE_DB),
+                        trained_rows=int(train.shape[0]))
     net.mean.copy_(train.mean(0))
     net.std.copy_(train.std(0).clamp_min(1e-3))
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
@@ -134,7 +136,8 @@ def train_jscc(hidden: torch.Tensor, steps: int = DEFAULT_JSCC_STEPS, batch: int
     with torch.no_grad():
         for snr_db in (-10.0, 0.0, 10.0, 20.0):
             snr = torch.full((val.shape[0],), snr_db)
-            y = net.decode(torch_channel(net.encode(val, snr), snr, torch.zeros(val.shape[0], dtype=torch.bool), gen), snr)
+            awgn = torch.zeros(val.shape[0], dtype=torch.bool)
+            y = net.decode(torch_channel(net.encode(val, snr), snr, awgn, gen), snr)
             report[f"awgn_{snr_db:g}dB_std_mse"] = float(((y - val) / net.std).pow(2).mean())
     return net, report
 
@@ -198,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-dir", type=Path, required=True, help="the LLM folder (e.g. models/shapes_llm_v1)")
     parser.add_argument("--split-layer", type=int, required=True, help="k: the edge runs layers [0, k)")
     parser.add_argument("--out", type=Path, default=None, help="default: <model dir>/codecs/llm-hidden-k<k>")
-    parser.add_argument("--docs", type=int, default=DEFAULT_DOCS, help="training documents to collect hidden states from")
+    parser.add_argument("--docs", type=int, default=DEFAULT_DOCS,
+                        help="training documents to collect hidden states from")
     parser.add_argument("--jscc-steps", type=int, default=DEFAULT_JSCC_STEPS)
     parser.add_argument("--seed", type=int, default=FIT_SEED)
     return parser

@@ -52,8 +52,10 @@ class HiddenJsccNet(nn.Module):
         self.config: dict[str, Any] = {"dim": dim, "symbols": symbols, "width": width, **meta}
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
-        self.enc_in, self.enc_mid, self.enc_out = nn.Linear(dim, width), nn.Linear(width, width), nn.Linear(width, 2 * symbols)
-        self.dec_in, self.dec_mid, self.dec_out = nn.Linear(2 * symbols, width), nn.Linear(width, width), nn.Linear(width, dim)
+        self.enc_in, self.enc_mid = nn.Linear(dim, width), nn.Linear(width, width)
+        self.enc_out = nn.Linear(width, 2 * symbols)
+        self.dec_in, self.dec_mid = nn.Linear(2 * symbols, width), nn.Linear(width, width)
+        self.dec_out = nn.Linear(width, dim)
         self.enc_film, self.dec_film = RowFilm(width), RowFilm(width)
 
     @property
@@ -123,7 +125,8 @@ class HiddenJsccMapper(AnalogMapper):
         for name, t in tensors.items():
             rows = torch.nan_to_num(as_rows(t.float()))
             if rows.shape[1] != self.net.dim:
-                raise CodecError(f"jscc-hidden was trained on rows of {self.net.dim} values; {name!r} has {rows.shape[1]}")
+                raise CodecError(f"jscc-hidden was trained on rows of {self.net.dim} values; "
+                                 f"{name!r} has {rows.shape[1]}")
             out.append(self.net.encode(rows, self._snr(ctx.params, rows.shape[0])).reshape(-1))
         return torch.cat(out).numpy().astype(np.complex64)
 

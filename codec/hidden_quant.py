@@ -15,6 +15,10 @@ image latents (rows of the latent's width).
     dimension zero-padded to a power of two ``n`` and signs ``s`` drawn from ``hadamard_seed``. The rotation
     is orthogonal, so it spreads a row's few large values over all of its entries and a 4-bit grid fits
     them; the device applies the exact inverse. The unpadded size goes in the header (configuration).
+
+``hadamard4`` uses one scale per row: on the embedded LLM at k = 2 (``bench/results/llm_rate.md``), groups of
+64 and 32 values buy 0.7 and 1.7 dB of hidden-state PSNR for 0.125 and 0.375 more bits a value and leave the
+next-token agreement unchanged (98.8 %, 98.7 %, 98.9 %).
 """
 
 from __future__ import annotations

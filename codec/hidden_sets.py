@@ -105,7 +105,8 @@ def _load_codec_set(folder: Path, stamp: tuple[tuple[str, int, int], ...]) -> Co
         config = json.loads((folder / CONFIG_FILE).read_text())
         files: dict[str, str] = dict(config["files"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CodecError(f"codec set {folder}: {CONFIG_FILE} is unreadable ({exc}); refit with `{FIT_COMMAND}`") from exc
+        raise CodecError(f"codec set {folder}: {CONFIG_FILE} is unreadable ({exc}); "
+                         f"refit with `{FIT_COMMAND}`") from exc
     if config.get("source") != LLM_SOURCE:
         raise CodecError(f"codec set {folder} is for source {config.get('source')!r}, not {LLM_SOURCE!r}")
     arrays: dict[str, dict[str, torch.Tensor]] = {}

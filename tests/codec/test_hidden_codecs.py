@@ -214,3 +214,20 @@ def test_fit_writes_a_loadable_set(tmp_path: Path) -> None:
         c = codec.build_codec(name, {"channel_snr_db": "5"}, out)
         x = hidden(3)
         assert c.decode(c.encode({"hidden": x}))["hidden"].shape == x.shape
+
+
+def test_bench_parts_return_rows() -> None:
+    """bench.llm_rate's functions, at the smallest size: the rows bench/llm.py builds on."""
+    from bench.llm_rate import run_outliers, run_rate, run_snr
+
+    rate = run_rate(split_layers=(2,), codecs=("int8-token", "fcm-hidden+ol", "jscc-hidden"), n_prompts=2)
+    by_codec = {r["codec"]: r for r in rate}
+    assert set(by_codec) == {"uncoded", "int8-token", "fcm-hidden+ol", "jscc-hidden"}
+    assert by_codec["int8-token"]["bits_per_value"] == 8 + 16 / 128
+    assert by_codec["jscc-hidden"]["symbols_per_value"] == 0.25
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["agreement"] <= 1 for r in rate)
+    snr = run_snr(codecs=("hadamard4", "analog"), snrs_db=(20.0,), channels=("awgn",), n_prompts=1)
+    assert [r["codec"] for r in snr] == ["hadamard4", "analog"] and snr[0]["transport"] == "ldpc-qpsk-1/2"
+    outliers = {r["codec"]: r for r in run_outliers(codecs=("fcm-hidden",))}
+    assert outliers["fcm-hidden"]["planted_median_rel_error"] > 0.5
+    assert outliers["fcm-hidden+ol"]["planted_max_rel_error"] < 2e-3 and outliers["fcm-hidden+ol"]["side_bits"] > 0
