@@ -47,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if "rate" in args.parts:
             rows += [{"part": "rate", **r} for r in llm_rate.run_rate(llm_dir, n_prompts=prompts)]
+            rows += [{"part": "outliers", **r} for r in llm_rate.run_outliers(llm_dir)]
         if "snr" in args.parts:
-            rows += [{"part": "snr", **r} for r in llm_rate.run_snr(llm_dir, n_prompts=max(8, prompts // 4))]
+            snrs = (0.0, 10.0) if args.quick else llm_rate.SNRS_DB
+            rows += [{"part": "snr", **r} for r in llm_rate.run_snr(llm_dir, n_prompts=max(4, prompts // 5),
+                                                                       snrs_db=snrs)]
     if "speed" in args.parts:
         speed = SpeedConfig(llm_dir, tokens=args.tokens or 32, requests=args.requests or (3 if args.quick else 10),
                             warmup=1 if args.quick else 2, rounds=1 if args.quick else 2)
@@ -90,23 +93,17 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = ["# Split LLM benchmark (`meg bench llm`)", "",
              f"Host {env['host']}, torch {env['torch']}, {env['cpu_threads']} CPU threads; took "
              f"{env['minutes']:.1f} min. Model: `{env['llm_dir']}`. Rerun: `meg bench llm`.", ""]
-    rate = [r for r in rows if r["part"] == "rate"]
-    if rate:
-        lines += ["## Rate: quality against bits per hidden value", "",
-                  "Accuracy: greedy answers on held-out prompts; agreement: next-token agreement with the uncoded "
-                  "model; PSNR peak: max |h| over the evaluation set. Bits count everything sent for the hidden "
-                  "states (scales, outlier side channel).", ""]
-        cols = [(k, k, ".4g") for k in rate[0] if k != "part"]
-        lines += _table(rate, cols) + [""]
-    snr = [r for r in rows if r["part"] == "snr"]
-    if snr:
-        lines += ["## SNR: accuracy against channel quality", ""]
-        lines += _table(snr, [(k, k, ".4g") for k in snr[0] if k != "part"]) + [""]
+    parts = {name: [{k: v for k, v in r.items() if k != "part"} for r in rows if r["part"] == name]
+             for name in ("rate", "snr", "outliers")}
+    if any(parts.values()):
+        from bench.llm_rate import report_sections
+
+        lines += report_sections(parts["rate"], parts["snr"], parts["outliers"]) + [""]
     lat = [r for r in rows if r["part"] == "latency"]
     if lat:
         lines += ["## Latency: one session at a time, testbed against one process", "",
                   f"Goal: TPOT ≤ {TPOT_GOAL}× the monolithic model on the zero-airtime, 0 ms link. Medians.", ""]
-        lines += _table(lat, [("link", "link", ""), ("codec", "codec", ""), ("ttft_ms", "TTFT ms", ".1f"),
+        lines += _table(lat, [("model", "model", ""), ("link", "link", ""), ("codec", "codec", ""), ("ttft_ms", "TTFT ms", ".1f"),
                               ("mono_ttft_ms", "mono TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),
                               ("mono_tpot_ms", "mono TPOT ms", ".2f"), ("tpot_ratio", "TPOT ratio", ".2f"),
                               ("bits_per_token", "bits/token", ".0f"),

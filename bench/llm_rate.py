@@ -356,16 +356,10 @@ def summary(rate: Sequence[dict[str, object]]) -> list[str]:
     return lines
 
 
-def write_report(out_dir: Path, rate: Sequence[dict[str, object]], snr: Sequence[dict[str, object]],
-                 outliers: Sequence[dict[str, object]], seconds: float) -> None:
-    """``llm_rate.csv`` (every row, a ``part`` column says which benchmark) and ``llm_rate.md``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "llm_rate.csv", [{"part": "rate", **r} for r in rate] + [{"part": "snr", **r} for r in snr]
-              + [{"part": "outliers", **r} for r in outliers])
-    md = ["# Hidden-state codecs on the embedded LLM (`python -m bench.llm_rate`)", "",
-          "Model `models/shapes_llm_v1` (4 layers, d = 128), codec sets "
-          f"`models/shapes_llm_v1/codecs/llm-hidden-k<k>`; {seconds:.0f} s on CPU.", "",
-          "## Summary", "", *[f"* {line}" for line in summary(rate)], "",
+def report_sections(rate: Sequence[dict[str, object]], snr: Sequence[dict[str, object]],
+                    outliers: Sequence[dict[str, object]]) -> list[str]:
+    """The markdown of the rate, SNR and planted-outlier parts (``llm_rate.md`` and ``meg bench llm``'s md)."""
+    md = ["## Summary", "", *[f"* {line}" for line in summary(rate)], "",
           "## Rate and fidelity (ideal link)", "",
           "accuracy: greedy held-out answers; agreement: teacher-forced next-token agreement with the uncoded split "
           "over every position of prompt + answer; PSNR: peak = max |h| over the clean hidden states of the "
@@ -375,7 +369,7 @@ def write_report(out_dir: Path, rate: Sequence[dict[str, object]], snr: Sequence
           "side information). `uncoded` is the split with exact float32 transfer, identical to the monolithic "
           "`model.generate`.", "",
           markdown_table(rate, ["split_layer", "codec", "kind", "accuracy", "agreement", "psnr_db", "bits_per_value",
-                                "symbols_per_value", "peak_abs", "prompts"])]
+                                "symbols_per_value", "peak_abs", "prompts"])] if rate else []
     if snr:
         first_snr = snr[0]["snr_db"]
         md += ["", "## Accuracy versus SNR", "",
@@ -394,6 +388,19 @@ def write_report(out_dir: Path, rate: Sequence[dict[str, object]], snr: Sequence
                "the rest of their rows (absmax, rotation); with it both survive.", "",
                markdown_table(outliers, ["codec", "planted_max_rel_error", "planted_median_rel_error",
                                          "bulk_rel_rms_error", "bits_per_value", "side_bits", "planted_values"])]
+    return md
+
+
+def write_report(out_dir: Path, rate: Sequence[dict[str, object]], snr: Sequence[dict[str, object]],
+                 outliers: Sequence[dict[str, object]], seconds: float) -> None:
+    """``llm_rate.csv`` (every row, a ``part`` column says which benchmark) and ``llm_rate.md``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "llm_rate.csv", [{"part": "rate", **r} for r in rate] + [{"part": "snr", **r} for r in snr]
+              + [{"part": "outliers", **r} for r in outliers])
+    md = ["# Hidden-state codecs on the embedded LLM (`python -m bench.llm_rate`)", "",
+          "Model `models/shapes_llm_v1` (4 layers, d = 128), codec sets "
+          f"`models/shapes_llm_v1/codecs/llm-hidden-k<k>`; {seconds:.0f} s on CPU.", "",
+          *report_sections(rate, snr, outliers)]
     (out_dir / "llm_rate.md").write_text("\n".join(md) + "\n")
 
 

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import codec
-from codec.sets import LLM_SOURCE, SOURCES
+from codec.sets import IMAGE_SOURCE, LLM_SOURCE, SOURCES
 from device_client.decoders import DecoderBank
 from device_client.finisher import SplitFinisher
 from device_client.generate import GenerateDefaults, ImageGeneration
@@ -229,9 +229,10 @@ def _add_api_routes(app: FastAPI, state: DeviceState) -> None:
 
         if source is not None and source not in SOURCES:
             raise HTTPException(422, f"source: unknown feature source {source!r}; known: {', '.join(SOURCES)}")
+        # Without a source: the image path's codecs, what this route listed before there were sources.
         items = [{"name": p.name, "description": p.description, "kind": codec_kind(p.name),
                   "stages": resolve_spec(p.name)[0].split("+"), "params": p.params, "sources": list(p.sources),
-                  "request_params": list(request_params(p.name))} for p in codec.list_codecs(source)]
+                  "request_params": list(request_params(p.name))} for p in codec.list_codecs(source or IMAGE_SOURCE)]
         default = config.llm.llm_default_codec if source == LLM_SOURCE else config.default_codec
         return {"codecs": items, "default": default}
 
