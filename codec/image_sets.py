@@ -226,3 +226,26 @@ def adopt_image_set(old_dir: Path, model_dir: Path, note: str = "") -> Path:
                "command": ADOPT_COMMAND.format(model_dir=model_dir, old_dir=old_dir)}
     write_image_set_config(out, model_dir, made_by)
     return out
+
+
+def refresh_image_set_config(folder: Path, model_dir: Path, part: str, how: dict[str, Any],
+                             set_name: str | None = None) -> dict[str, Any]:
+    """Re-hash ``folder`` after one part (``fcm``, ``learned``, ``jscc_full`` ...) was (re)made, keeping what
+    the previous config.json said about the other parts; ``made_by["parts"][part]`` records ``how``."""
+    folder = Path(folder)
+    previous: dict[str, Any] = {}
+    if (folder / CONFIG_FILE).is_file():
+        try:
+            previous = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            log.warning("%s is unreadable; writing a fresh one", folder / CONFIG_FILE)
+    made_by = dict(previous.get("made_by", {}))
+    made_by["parts"] = {**made_by.get("parts", {}), part: how}
+    name = set_name or previous.get("set_name") or sanitize_set_name(Path(model_dir).resolve().name)
+    return write_image_set_config(folder, model_dir, made_by, set_name=name)
+
+
+def sanitize_set_name(name: str) -> str:
+    """A model folder name as a set name (``fcm_<name>.json``): letters, digits, ``_``, ``-``, ``.`` only."""
+    cleaned = "".join(c if c.isalnum() or c in "_-." else "_" for c in name).strip("._-")[:64]
+    return cleaned or "model"
