@@ -19,7 +19,7 @@ from codec.image_sets import image_set_dir, require_image_set, set_files
 from codec.registry import uses_codec_set
 from codec.sets import IMAGE_SOURCE, LLM_SOURCE, content_hash, file_sha256
 from device_client.generate import CodecSetMismatchError, ImageGeneration
-from edge_server.service import EdgeApi, EdgeResult, EdgeWork
+from edge_server.service import EdgeApi, EdgeResult
 from meg.v1 import meg_pb2
 from models import DEFAULT_MODEL_DIR
 from serving.contract import CallContext, RequestError, Status
