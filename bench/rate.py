@@ -121,13 +121,19 @@ def _decode_images(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
 
 
 def measure_curve(preset: str, family: str, transform: str, latents: torch.Tensor, vae: torch.nn.Module | None,
-                  ref_images: torch.Tensor | None, peak: float, bar: Any = None) -> list[RatePoint]:
-    """Code every latent separately (one request each) at every quality; ``bar`` (tqdm) advances per quality."""
+                  ref_images: torch.Tensor | None, peak: float, bar: Any = None, weights: Path | None = None
+                  ) -> list[RatePoint]:
+    """Code every latent separately (one request each) at every quality; ``bar`` (tqdm) advances per quality.
+    ``weights``: the image codec set to code with (default: the embedded model's)."""
     from codec import build_codec
+    from codec.image_sets import image_set_dir
+    from models import DEFAULT_MODEL_DIR
+
+    weights = weights if weights is not None else image_set_dir(DEFAULT_MODEL_DIR)
 
     points = []
     for q in QUALITIES:
-        c = build_codec(preset, {"learned_quality": str(q)})
+        c = build_codec(preset, {"learned_quality": str(q)}, weights)
         bits, decoded, t_enc, t_dec = [], [], 0.0, 0.0
         for i in range(len(latents)):
             x = {"latents": latents[i:i + 1]}
@@ -246,7 +252,8 @@ def run(quick: bool, out_dir: Path = RESULTS_DIR, *, n_images: int | None = None
     Quick: 8 held-out latents; full: 48. ``curves`` keeps the presets named (default: all of :data:`CURVES`).
     """
     import codec  # noqa: F401
-    from codec.transforms import PACKAGE_WEIGHTS_DIR
+    from codec.image_sets import image_set_dir
+    from models import DEFAULT_MODEL_DIR
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -256,7 +263,8 @@ def run(quick: bool, out_dir: Path = RESULTS_DIR, *, n_images: int | None = None
     if not chosen:
         raise ValueError(f"no curve among {curves}; known: {', '.join(c[0] for c in CURVES)}")
     latents, vae, source_label = heldout_latents(n, source)
-    meta_path = PACKAGE_WEIGHTS_DIR / "learned_shapes_v1.json"
+    weights = image_set_dir(DEFAULT_MODEL_DIR)  # the embedded model's codec set: its latents are measured
+    meta_path = weights / "learned_shapes_v1.json"
     train_meta = json.loads(meta_path.read_text())
     lo, hi = train_meta["fcm_range"]
     peak = float(hi - lo)
@@ -264,7 +272,7 @@ def run(quick: bool, out_dir: Path = RESULTS_DIR, *, n_images: int | None = None
     points: list[RatePoint] = []
     with tqdm(total=len(chosen) * len(QUALITIES), desc="bench rate", disable=not progress) as bar:
         for preset, family, transform in chosen:
-            points += measure_curve(preset, family, transform, latents, vae, ref_images, peak, bar)
+            points += measure_curve(preset, family, transform, latents, vae, ref_images, peak, bar, weights)
     bd = _bd_table(points)
     for r in bd:
         log.info("BD-rate %s %s vs %s: %+.1f %% (feature PSNR), %+.1f %% (image PSNR)", r["family"], r["test"],

@@ -44,10 +44,12 @@ from tqdm.auto import tqdm
 
 import codec
 from codec.base import CodecError
+from codec.image_sets import image_set_dir
 from device_client.receiver import link_may_have_damaged, receive_features
 from radio import ChannelSpec, is_noiseless
 from radio.link import Link
 from wire.payload import EncodedPayload
+from models import DEFAULT_MODEL_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -141,18 +143,20 @@ def held_out_latents(family: Family, n: int, source: str) -> HeldOut:
 def available_schemes(family: Family, with_jscc_full: bool = True) -> list[Scheme]:
     """Every scheme whose pieces exist now (digital chain, learned coder, JSCC weights), in plot order."""
     schemes = [Scheme("raw-fp16 uncoded QPSK", "raw-fp16", "tiny_decoder", "uncoded")]
-    coder = _entropy_coder()
+    weights = image_set_dir(family.root)
+    coder = _entropy_coder(weights)
     schemes += [Scheme(f"{coder}+LDPC QPSK r1/2", coder, "tiny_decoder", "ldpc", "qpsk", "1/2"),
                 Scheme(f"{coder}+LDPC 16QAM r2/3", coder, "tiny_decoder", "ldpc", "16qam", "2/3")]
     robust = "robust_decoder" if "robust_decoder" in family.decoders else "tiny_decoder"
     schemes.append(Scheme("MEG (analog)", "analog", robust, "analog"))
-    from codec.jscc import JsccNet, PACKAGE_WEIGHTS
+    from codec.jscc import JsccNet
+    from codec.transforms import resolve_weights_file
 
     for name, model, label in (("jscc", "jscc_full", "JSCC (no merge)"), ("e2e-meg", "jscc_e2e", "E2E-MEG")):
         if name == "jscc" and not with_jscc_full:
             continue
-        path = PACKAGE_WEIGHTS / f"{model}.safetensors"
         try:
+            path = resolve_weights_file(model[len("jscc_"):], "jscc_", ".safetensors", weights)
             decoder = str(JsccNet.load(path).config.get("decoder", robust))
         except CodecError as exc:
             logger.warning("skipping %s: %s", label, exc)
@@ -162,13 +166,14 @@ def available_schemes(family: Family, with_jscc_full: bool = True) -> list[Schem
     return schemes
 
 
-def _entropy_coder() -> str:
-    """``hyperprior`` when the learned coders load and round-trip a latent, else ``uint8``."""
+def _entropy_coder(weights: Path) -> str:
+    """``hyperprior`` when the learned coders of the codec set ``weights`` load and round-trip a latent, else
+    ``uint8``."""
     try:
         if importlib.util.find_spec("codec.learned") is not None:
             importlib.import_module("codec.learned")
         if "hyperprior" in codec.codec_names():
-            c = codec.build_codec("hyperprior", weights_dir=Path(codec.__file__).resolve().parent / "weights")
+            c = codec.build_codec("hyperprior", weights_dir=weights)
             c.decode(c.encode({"latents": torch.zeros(1, 4, 16, 16)}))
             return "hyperprior"
     except Exception as exc:  # noqa: BLE001 - any failure of another team's coder means: use the fallback
@@ -198,11 +203,13 @@ class Transmitter:
     link as its own request would.
     """
 
-    def __init__(self, scheme: Scheme, latents: torch.Tensor, link: Link | None = None) -> None:
+    def __init__(self, scheme: Scheme, latents: torch.Tensor, link: Link | None = None,
+                 weights: Path | None = None) -> None:
         self.scheme = scheme
         self.latents = latents
         self.link = link or Link(decode_batch=256)  # large decoder batches: every image's blocks together
-        self.weights = Path(codec.__file__).resolve().parent / "weights"
+        # The image codec set of the model whose latents are sent (the embedded one by default), as the edge uses.
+        self.weights = weights if weights is not None else image_set_dir(DEFAULT_MODEL_DIR)
         self._payloads: list[EncodedPayload] = []
         if scheme.kind == "digital":
             self._codec = codec.build_codec(scheme.codec_name, dict(scheme.params), self.weights)
@@ -353,7 +360,7 @@ def run_grid(family: Family, held: HeldOut, schemes: list[Scheme], channels: tup
     bar = tqdm(total=len(schemes) * len(channels) * len(snrs), desc="bench snr", disable=not progress)
     for si, scheme in enumerate(schemes):
         bar.set_postfix_str(scheme.name)
-        tx = Transmitter(scheme, held.latents)
+        tx = Transmitter(scheme, held.latents, weights=image_set_dir(family.root))
         for ci, channel_name in enumerate(channels):
             for ni, snr in enumerate(snrs):
                 cell = tx.send_all(channel_name, snr, cell_generator(seed, si, ci, ni))

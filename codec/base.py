@@ -44,6 +44,8 @@ class TensorStage(abc.ABC):
     name: str = ""
     #: codec params a request may set (everything else in the header is the codec's own)
     request_params: ClassVar[tuple[str, ...]] = ()
+    #: whether it reads fitted data from the model's codec set (so edge and device must hold the same set)
+    uses_codec_set: ClassVar[bool] = False
 
     @abc.abstractmethod
     def forward(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
@@ -60,6 +62,8 @@ class SourceCoder(abc.ABC):
     name: str = ""
     #: codec params a request may set (everything else in the header is the codec's own)
     request_params: ClassVar[tuple[str, ...]] = ()
+    #: whether it reads fitted data from the model's codec set (so edge and device must hold the same set)
+    uses_codec_set: ClassVar[bool] = False
 
     @abc.abstractmethod
     def compress(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> bytes: ...
@@ -74,6 +78,8 @@ class AnalogMapper(abc.ABC):
     name: str = ""
     #: codec params a request may set (everything else in the header is the codec's own)
     request_params: ClassVar[tuple[str, ...]] = ()
+    #: whether it reads fitted data from the model's codec set (so edge and device must hold the same set)
+    uses_codec_set: ClassVar[bool] = False
 
     @abc.abstractmethod
     def to_symbols(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> np.ndarray: ...

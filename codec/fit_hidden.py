@@ -196,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meg train codecs", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=(LLM_SOURCE,), default=LLM_SOURCE,
-                        help="feature source (image codecs are trained by `python -m codec.train_coders` / "
-                             "`python -m codec.train_jscc`)")
+                        help="feature source (`--source image` is dispatched to codec.fit_image by `meg train codecs`)")
     parser.add_argument("--model-dir", type=Path, required=True, help="the LLM folder (e.g. models/shapes_llm_v1)")
     parser.add_argument("--split-layer", type=int, required=True, help="k: the edge runs layers [0, k)")
     parser.add_argument("--out", type=Path, default=None, help="default: <model dir>/codecs/llm-hidden-k<k>")

@@ -22,7 +22,6 @@ per-request side information at all: the payload is the rANS stream, and that is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ from safetensors.torch import load_file
 from codec.base import CodecError, SourceCoder, StageContext, TensorInfo
 from codec.hidden_quant import as_rows, info_rows, int_param
 from codec.registry import register_preset, register_terminal
-from codec.sets import LLM_SOURCE, codec_set_dir  # noqa: F401  (codec_set_dir: part of this module's API)
+# codec_set_dir, content_hash, file_sha256: part of this module's API (shared with the image sets in codec.sets)
+from codec.sets import LLM_SOURCE, codec_set_dir, content_hash, file_sha256  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +52,6 @@ FIT_COMMAND = "meg train codecs --source llm-hidden --model-dir <llm model dir> 
 CDF_PRECISION = 16
 FCM_BITS = (2, 3, 4, 5, 6, 8)
 DTUFC_K = (256, 64, 16, 8)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def content_hash(file_hashes: dict[str, str]) -> str:
-    """One hash over the set's files (name and SHA-256 of each, sorted): what the header's ``llm_set`` names."""
-    joined = "\n".join(f"{name}:{digest}" for name, digest in sorted(file_hashes.items()))
-    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ tokens in raster order). Architecture: a 1×1 convolution maps each token's C va
 token. Each image's symbols are scaled to unit average power (the power constraint). The device's decoder
 mirrors it and outputs the tokens, so the usual stages (unmerge) and the device's latent decoder follow.
 
-Weights are committed under ``codec/weights/jscc_*.safetensors`` with their architecture in the safetensors
-metadata (``config`` JSON) and are trained by ``python -m codec.train_jscc``. The runtime imports no channel
+Weights live in the model's image codec set (``<model dir>/codecs/image-k0/jscc_*.safetensors``, see
+:mod:`codec.image_sets`) with their architecture in the safetensors metadata (``config`` JSON); they are trained
+by ``meg train codecs --source image --model-dir DIR`` (which runs :mod:`codec.train_jscc`). The runtime imports no channel
 model: the channel only exists in training.
 """
 
@@ -35,9 +36,8 @@ from torch import nn
 
 from codec.base import AnalogMapper, CodecError, StageContext, TensorInfo
 from codec.registry import register_preset, register_terminal
+from codec.transforms import resolve_weights_file
 
-#: Where the committed weights live when the caller passes no weights folder.
-PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_PARAM = "jscc_model"
 SNR_PARAM = "jscc_snr_db"
 CHANNEL_SNR_PARAM = "channel_snr_db"
@@ -133,7 +133,8 @@ class JsccNet(nn.Module):
     def load(cls, path: Path) -> "JsccNet":
         """Rebuild a saved network in eval mode; raises :class:`CodecError` when it is missing or corrupt."""
         if not path.is_file():
-            raise CodecError(f"JSCC weights {path} are missing; train them with `python -m codec.train_jscc`")
+            raise CodecError(f"JSCC weights {path} are missing; train them with "
+                             f"`meg train codecs --source image --model-dir <model dir>`")
         try:
             with safe_open(str(path), framework="pt") as fh:
                 config = json.loads((fh.metadata() or {})["config"])
@@ -170,15 +171,15 @@ class JsccMapper(AnalogMapper):
     """Learned analog JSCC: tokens → ``symbols_per_token`` unit-power complex symbols per token, and back."""
 
     request_params = (MODEL_PARAM, SNR_PARAM)
+    uses_codec_set = True
 
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         name = params.get(MODEL_PARAM, "jscc_full")
         if not _MODEL_NAME.match(name):
             raise CodecError(f"codec param '{MODEL_PARAM}' must look like 'jscc_<name>', got {name!r}")
-        folder = weights_dir if weights_dir is not None and (weights_dir / f"{name}.safetensors").is_file() \
-            else PACKAGE_WEIGHTS
         self.model_name = name
-        self.net = JsccNet.load(folder / f"{name}.safetensors")
+        # Only a file config.json lists (and whose hash matches) is opened: never a path from the header.
+        self.net = JsccNet.load(resolve_weights_file(name[len("jscc_"):], "jscc_", ".safetensors", weights_dir))
         lo, hi = self.net.config.get("snr_range_db", [-5.0, 20.0])
         self.snr_range = (float(lo), float(hi))
 

@@ -16,8 +16,9 @@ a 32x32 plane gives an 8x8x16 y and a 2x2 z; inputs are replicate-padded to a mu
 [2, 2, 4, 8] and a 32-wide channel-context net.
 
 Weights are trained per (model, input domain, quality) by :mod:`codec.train_coders` and ship as one
-safetensors file plus a JSON of configs per weights set (``codec/weights/learned_<set>.*``); header
-params ``learned_set``, ``learned_domain`` (identity|fcm|dtufc: what the preceding transform produces)
+safetensors file plus a JSON of configs per weights set (``learned_<set>.*`` in the model's image codec set,
+``<model dir>/codecs/image-k0``, see :mod:`codec.image_sets`); header params ``learned_set`` (default: the
+codec set's own name), ``learned_domain`` (identity|fcm|dtufc: what the preceding transform produces)
 and ``learned_quality`` (1 = lowest rate) select one. Entropy-coder CDF tables are rebuilt with
 ``update(force=True)`` at load, from the stored parameters, identically on edge and device.
 
@@ -48,7 +49,7 @@ from torch import nn
 
 from codec.base import CodecError, SourceCoder, StageContext, TensorInfo
 from codec.registry import register_preset, register_terminal
-from codec.transforms import resolve_weights_file
+from codec.transforms import resolve_weights_file, set_param
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,7 @@ class LearnedCoder(SourceCoder):
     """A trained CompressAI coder selected by header params; tensors must be (B, in_ch, H, W) planes."""
 
     request_params = ("learned_model", "learned_domain", "learned_quality", "learned_set")
+    uses_codec_set = True
 
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         self.kind = params.get("learned_model", "hyperprior")
@@ -332,7 +334,7 @@ class LearnedCoder(SourceCoder):
         self.quality = _int_param(params, "learned_quality", "2")
         if not 1 <= self.quality <= 16:
             raise CodecError(f"codec param 'learned_quality' must be in [1, 16], got {self.quality}")
-        self.set_name = params.get("learned_set", "shapes_v1")
+        self.set_name = set_param(params, "learned_set", weights_dir)
         self.model, self.meta = load_coder(self.set_name, self.kind, self.domain, self.quality, weights_dir)
         self.in_ch = int(self.meta["config"]["in_ch"])
         self.n_strings = _n_strings(self.model, self.kind)

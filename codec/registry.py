@@ -122,6 +122,13 @@ def request_params(name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def uses_codec_set(name: str) -> bool:
+    """Whether codec ``name`` reads fitted data from a codec set (nothing is loaded): only then must the edge's
+    and the device's sets be the same; raw, uint8 and analog codecs work with or without a set."""
+    stages, terminal = _parts(name)
+    return any(part.uses_codec_set for part in (*stages, terminal))
+
+
 def check_request_params(name: str, params: dict[str, str]) -> None:
     """Refuse request-supplied params outside codec ``name``'s allow-list: header fields such as
     ``side_info`` or ``coded_tensors`` are the codec's own and never set by a request."""

@@ -8,6 +8,7 @@ the payload cleanly instead of decoding garbage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,6 +17,22 @@ LLM_SOURCE = "llm-hidden"
 #: The feature source of the diffusion model's latents.
 IMAGE_SOURCE = "image"
 SOURCES = (IMAGE_SOURCE, LLM_SOURCE)
+#: The split point of the image source: 0 = the final latent the edge sends (the whole denoising ran there).
+IMAGE_SPLIT = 0
+#: Every set's description file: source, model, split, the SHA-256 of each file and the content hash.
+CONFIG_FILE = "config.json"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of one file of a set (what config.json records for it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def content_hash(file_hashes: dict[str, str]) -> str:
+    """One hash over a set's files (name and SHA-256 of each, sorted): what the stream header names, so two
+    sets with the same files have the same hash wherever their folders are."""
+    joined = "\n".join(f"{name}:{digest}" for name, digest in sorted(file_hashes.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 def codec_set_dir(model_dir: Path, split_layer: int, source: str = LLM_SOURCE) -> Path:

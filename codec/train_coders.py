@@ -1,13 +1,17 @@
 """Fit the distribution transforms and train the learned source coders on a model's latents.
 
-``python -m codec.train_coders [--quick] [--jobs 2]`` writes one *weights set* into ``codec/weights``:
+The usual entry point is ``meg train codecs --source image --model-dir DIR`` (:mod:`codec.fit_image`), which
+trains on the latents the edge really sends (the sampler's final latents) and calls :func:`fit_transforms` and
+:func:`train_learned_coders` from here. ``python -m codec.train_coders [--quick] [--jobs 2] [--model-dir DIR]``
+is the older, shapes-specific path (VAE means of rendered shapes); both write into the model's image codec
+set, ``<model dir>/codecs/image-k0`` (:mod:`codec.image_sets`), and refresh its config.json:
 
 * ``fcm_<set>.json``            FCM truncation range (0.1/99.9 percentiles of the training features)
 * ``dtufc_<set>.safetensors``   DT-UFC K-means centres (2^8, one global codebook)
 * ``learned_<set>.safetensors`` every coder ``<model>.<domain>.q<k>`` (float16 transforms)
 * ``learned_<set>.json``        their configs, lambdas and training / held-out statistics
 
-Training data are the embedded model's latents: ``vae.encode(shapes images).latent_dist.mean`` (unscaled VAE
+Training data of this CLI are the embedded model's latents: ``vae.encode(shapes images).latent_dist.mean`` (unscaled VAE
 latents, the space ``models.sampling.generate_latents`` returns and the edge sends), plus generated
 latents when the sampler is available. Until the real model
 exists (``models/shapes_v1/metrics.json``), a randomly initialised VAE of the same architecture stands in
@@ -34,10 +38,11 @@ from typing import Any
 
 import torch
 
+from codec.image_sets import image_set_dir, write_image_set_config
 from codec.learned import DOMAINS, MODEL_KINDS, CoderConfig, build_model, model_key, round_trip_half, save_weights_set
 from codec.packing import tile_planes
-from codec.transforms import (PACKAGE_WEIGHTS_DIR, DtufcStage, FcmStage, fit_dtufc_centres, fit_fcm_range,
-                              save_dtufc_centres, save_fcm_stats)
+from codec.transforms import (DtufcStage, FcmStage, fit_dtufc_centres, fit_fcm_range, save_dtufc_centres,
+                              save_fcm_stats)
 from codec.base import StageContext
 
 log = logging.getLogger(__name__)
@@ -247,10 +252,87 @@ def default_pairs() -> list[tuple[str, str]]:
     return pairs + [("hyperprior", "fcm")]
 
 
+def fit_transforms(train: torch.Tensor, out: Path, set_name: str, source: str) -> tuple[float, float]:
+    """Fit FCM's range and DT-UFC's centres on ``train`` latents, write ``fcm_<set>.json`` and
+    ``dtufc_<set>.safetensors`` into ``out``; returns the FCM range."""
+    lo, hi = fit_fcm_range(train)
+    save_fcm_stats(out / f"fcm_{set_name}.json", lo, hi, source=source, percentiles=[0.1, 99.9], n_latents=len(train))
+    centres = fit_dtufc_centres(train, bits=8, groups=1)
+    save_dtufc_centres(out / f"dtufc_{set_name}.safetensors", centres)
+    log.info("fitted FCM range [%.3f, %.3f] and %d DT-UFC centres", lo, hi, centres.shape[1])
+    return lo, hi
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """``kind:domain,kind:domain`` → pairs; ValueError naming an unknown one."""
+    pairs = [tuple(item.split(":", 1)) for item in text.split(",") if item]
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] not in MODEL_KINDS or pair[1] not in DOMAINS:
+            raise ValueError(f"unknown coder pair {':'.join(pair)!r} (kinds {MODEL_KINDS}, domains {DOMAINS})")
+    return pairs  # type: ignore[return-value]
+
+
+def train_learned_coders(train: torch.Tensor, test: torch.Tensor, out: Path, set_name: str,
+                         pairs: list[tuple[str, str]], fcm_range: tuple[float, float], steps: int, batch: int,
+                         jobs: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Train every (kind, domain) in ``pairs`` across the lambda ladder and write ``learned_<set>.*`` into
+    ``out``, which must already be a set holding the FCM / DT-UFC fit (the domains are computed with it).
+    Returns the metadata written (``models`` has each coder's held-out rate)."""
+    lo, hi = fcm_range
+    data = {d: (to_domain(train, d, out, set_name), to_domain(test, d, out, set_name)) for d in {d for _, d in pairs}}
+    dist_scale = {"identity": 1.0 / (hi - lo) ** 2, "fcm": 1.0, "dtufc": 1.0}
+    work = [(TrainJob(k, d, steps, batch, dist_scale[d], threads=1), *data[d]) for k, d in pairs]
+    # Heaviest first so the two workers finish together.
+    weight = {"elic": 3, "mshyperprior": 2, "hyperprior": 2, "factorized": 1}
+    work.sort(key=lambda j: -weight[j[0].kind])
+    trained: dict[str, Any] = {}
+    t_start = time.time()
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(work), desc="learned coders", unit="coder") as bar:
+        if jobs > 1 and len(work) > 1:
+            with cf.ProcessPoolExecutor(max_workers=jobs) as pool:
+                for res in pool.map(_run_job, work):
+                    trained.update(res)
+                    bar.update()
+        else:
+            for job in work:
+                trained.update(train_ladder(*job))
+                bar.update()
+    models = {key: (build_model(v["config"]), v["config"], v["info"]) for key, v in trained.items()}
+    from codec.learned import load_exported
+
+    for key, v in trained.items():
+        load_exported(models[key][0], v["state"])
+    train_seconds = sum(v["info"]["train_seconds"] for v in trained.values())
+    meta = {**extra, "n_train": len(train), "n_test": len(test), "lambdas": list(LAMBDAS), "fcm_range": [lo, hi],
+            "cpu_train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - t_start, 1),
+            "batch": batch, "steps_q1": steps, "torch": torch.__version__}
+    save_weights_set(out / f"learned_{set_name}", models, meta)
+    return {**meta, "models": {k: v["info"] for k, v in trained.items()}}
+
+
+def rate_monotonic(models: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """Per ``kind.domain``: whether the held-out rate rises strictly with the quality (q1 < q2 < ...), which
+    is what a quality ladder promises the link adaptation."""
+    ladders: dict[str, list[tuple[int, float]]] = {}
+    for key, info in models.items():
+        stem, q = key.rsplit(".q", 1)
+        ladders.setdefault(stem, []).append((int(q), float(info["heldout_est_bpfp"])))
+    out = {}
+    for stem, points in sorted(ladders.items()):
+        rates = [r for _, r in sorted(points)]
+        out[stem] = all(b > a for a, b in zip(rates, rates[1:]))
+        if not out[stem]:
+            log.warning("%s: held-out rate is not monotonic in quality: %s bpfp", stem, [round(r, 4) for r in rates])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m codec.train_coders", description=__doc__.split("\n\n")[0])
     p.add_argument("--set-name", default="shapes_v1", help="weights set name (files <kind>_<set>.*)")
-    p.add_argument("--out", type=Path, default=PACKAGE_WEIGHTS_DIR, help="folder to write the set into")
+    p.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="the model whose latents are coded")
+    p.add_argument("--out", type=Path, default=None, help="default: the model's codec set, <model dir>/codecs/image-k0")
     p.add_argument("--source", choices=("auto", "real", "standin"), default="auto")
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-test", type=int, default=256)
@@ -266,55 +348,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
     if args.quick:
         args.n_train, args.n_test, args.steps = min(args.n_train, 128), min(args.n_test, 32), min(args.steps, 20)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out or image_set_dir(args.model_dir)
+    out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    feats = collect_features(args.n_train, args.n_test, args.source, n_generated=args.n_generated)
-
-    lo, hi = fit_fcm_range(feats.train)
-    save_fcm_stats(args.out / f"fcm_{args.set_name}.json", lo, hi, source=feats.source,
-                   percentiles=[0.1, 99.9], n_latents=len(feats.train))
-    centres = fit_dtufc_centres(feats.train, bits=8, groups=1)
-    save_dtufc_centres(args.out / f"dtufc_{args.set_name}.safetensors", centres)
-    log.info("fitted FCM range [%.3f, %.3f] and %d DT-UFC centres", lo, hi, centres.shape[1])
-
-    if args.pairs:
-        pairs = [tuple(item.split(":", 1)) for item in args.pairs.split(",")]
-    else:
-        kinds = set(args.models.split(","))
-        pairs = [(k, d) for k, d in default_pairs() if k in kinds]
-    for kind, domain in pairs:
-        if kind not in MODEL_KINDS or domain not in DOMAINS:
-            p.error(f"unknown pair {kind}:{domain}")
-    data = {d: (to_domain(feats.train, d, args.out, args.set_name), to_domain(feats.test, d, args.out, args.set_name))
-            for d in {d for _, d in pairs}}
-    dist_scale = {"identity": 1.0 / (hi - lo) ** 2, "fcm": 1.0, "dtufc": 1.0}
-    jobs = [(TrainJob(k, d, args.steps, args.batch, dist_scale[d], threads=1), *data[d]) for k, d in pairs]
-    # Heaviest first so the two workers finish together.
-    weight = {"elic": 3, "mshyperprior": 2, "hyperprior": 2, "factorized": 1}
-    jobs.sort(key=lambda j: -weight[j[0].kind])
-    trained: dict[str, Any] = {}
-    if args.jobs > 1:
-        with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            for res in pool.map(_run_job, jobs):
-                trained.update(res)
-    else:
-        for job in jobs:
-            trained.update(train_ladder(*job))
-    models = {key: (build_model(v["config"]), v["config"], v["info"]) for key, v in trained.items()}
-    from codec.learned import load_exported
-
-    for key, v in trained.items():
-        load_exported(models[key][0], v["state"])
-    train_seconds = sum(v["info"]["train_seconds"] for v in trained.values())
-    save_weights_set(args.out / f"learned_{args.set_name}", models, {
-        "source": feats.source, "n_train": len(feats.train), "n_test": len(feats.test), "lambdas": list(LAMBDAS),
-        "fcm_range": [lo, hi], "cpu_train_seconds": round(train_seconds, 1),
-        "wall_seconds": round(time.time() - t_start, 1), "batch": args.batch, "steps_q1": args.steps,
-        "torch": torch.__version__,
-    })
-    size = sum(f.stat().st_size for f in args.out.glob(f"*_{args.set_name}.*"))
-    log.info("wrote weights set %r to %s (%.2f MB) — CPU training %.0fs, wall %.0fs", args.set_name, args.out,
-             size / 1e6, train_seconds, time.time() - t_start)
+    feats = collect_features(args.n_train, args.n_test, args.source, model_dir=args.model_dir,
+                             n_generated=args.n_generated)
+    try:
+        pairs = parse_pairs(args.pairs) if args.pairs else [
+            (k, d) for k, d in default_pairs() if k in set(args.models.split(","))]
+    except ValueError as exc:
+        p.error(str(exc))
+    made_by = {"method": "python -m codec.train_coders", "features": feats.source,
+               "command": "python -m codec.train_coders " + " ".join(argv if argv is not None else sys.argv[1:])}
+    lo, hi = fit_transforms(feats.train, out, args.set_name, feats.source)
+    # The domains are computed through the codec's own stages, which read a set: hash what is there so far.
+    write_image_set_config(out, args.model_dir, {**made_by, "status": "partial"}, set_name=args.set_name)
+    meta = train_learned_coders(feats.train, feats.test, out, args.set_name, pairs, (lo, hi), args.steps,
+                                args.batch, args.jobs, {"source": feats.source})
+    write_image_set_config(out, args.model_dir, {**made_by, "rate_monotonic": rate_monotonic(meta["models"])},
+                           set_name=args.set_name)
+    size = sum(f.stat().st_size for f in out.glob(f"*_{args.set_name}.*"))
+    log.info("wrote weights set %r to %s (%.2f MB) — CPU training %.0fs, wall %.0fs", args.set_name, out,
+             size / 1e6, meta["cpu_train_seconds"], time.time() - t_start)
     return 0
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from codec.jscc import PACKAGE_WEIGHTS, JsccNet
+from codec.image_sets import image_set_dir, refresh_image_set_config
+from codec.jscc import JsccNet
 from codec.merging import merge_tokens, unmerge_tokens
 from radio import build_block
 
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m codec.train_jscc", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-root", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "shapes_v1")
     p.add_argument("--variant", choices=[*VARIANTS, "all"], default="all")
-    p.add_argument("--out", type=Path, default=PACKAGE_WEIGHTS, help="folder for jscc_*.safetensors")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for jscc_*.safetensors (default: the model's codec set, <model root>/codecs/image-k0)")
     p.add_argument("--decoder", default="robust_decoder", help="frozen device decoder folder under the model root")
     p.add_argument("--stand-in", action="store_true", help="random VAE/decoder (smoke runs before the model exists)")
     p.add_argument("--n-train", type=int, default=1024)
@@ -211,14 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     val_lat, val_img = make_dataset(vae, range(args.n_train, args.n_train + args.n_val), device)
     logger.info("dataset: %d latents (std %.3f) in %.1f s", latents.shape[0], latents.std().item(), time.monotonic() - t0)
     names = list(VARIANTS) if args.variant == "all" else [args.variant]
+    out = args.out or image_set_dir(args.model_root)
     for name in names:
         net = train_variant(name, VARIANTS[name], latents, targets, decoder, args, device)
         net.config["val_psnr_db"] = evaluate(net, VARIANTS[name], val_lat.cpu(), val_img.cpu(), decoder.cpu())
         decoder.to(device)
         net.config["trained_on"] = "stand-in" if args.stand_in else str(args.model_root.name)
-        net.save(args.out / f"{name}.safetensors")
+        net.save(out / f"{name}.safetensors")
         logger.info("%s: %d steps in %.0f s, val PSNR %s → %s", name, net.config["train_steps"],
-                    net.config["train_seconds"], net.config["val_psnr_db"], args.out / f"{name}.safetensors")
+                    net.config["train_seconds"], net.config["val_psnr_db"], out / f"{name}.safetensors")
+        # The set's config.json hashes every file: a retrained link changes the set's content hash.
+        refresh_image_set_config(out, args.model_root, name, {
+            "method": "python -m codec.train_jscc", "features": "vae-mean of rendered shapes",
+            "train_steps": net.config["train_steps"], "val_psnr_db": net.config["val_psnr_db"]})
     return 0
 
 

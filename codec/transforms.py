@@ -14,9 +14,10 @@ many generators:
     a value maps to the index of the largest centre <= it, divided by 2^b. The output is roughly uniform
     on [0, 1), which a learned coder trained on one model transfers to another.
 
-Fitted parameters ship with the codec in ``codec/weights`` and are selected by a header param naming a
-fitted set (``fcm_stats=shapes_v1``, ``dtufc_centres=shapes_v1``); names are validated and resolved
-inside the weights folders only, never taken as paths from a request.
+Fitted parameters live in the model's image codec set (``<model dir>/codecs/image-k0``, :mod:`codec.image_sets`),
+which the edge and the device pass as ``weights_dir``. A header param may name a set inside it
+(``fcm_stats=shapes_v1``, ``dtufc_centres=shapes_v1``; default: the set's own name); names are validated and
+resolved inside that folder only, never taken as paths from a request.
 """
 
 from __future__ import annotations
@@ -33,31 +34,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from codec.base import CodecError, StageContext, TensorStage
+from codec.image_sets import default_set_name, resolve_set_file
 from codec.registry import register_stage
 
 log = logging.getLogger(__name__)
 
-#: Folder of the weights committed with the codec.
-PACKAGE_WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def resolve_weights_file(name: str, prefix: str, suffix: str, weights_dir: Path | None = None) -> Path:
-    """The file ``{prefix}{name}{suffix}`` inside the device's weights folder or ``codec/weights``.
+    """The file ``{prefix}{name}{suffix}`` inside the image codec set ``weights_dir``.
 
     Why so strict: ``name`` arrives in a stream header. It must be a bare identifier (no separators, no
-    ``..``) and the resolved file must lie inside one of the two trusted folders, so a header can select
-    a shipped set but never make the device open an arbitrary path.
+    ``..``) and the file must be one the set's config.json lists (with its hash), so a header can select a
+    fitted set but never make the device open an arbitrary path. There is no global fallback folder: a codec
+    only ever reads the set of the model it serves.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise CodecError(f"invalid weights set name {name!r} (letters, digits, '_', '-', '.' only)")
-    folders = [d for d in (weights_dir, PACKAGE_WEIGHTS_DIR) if d is not None]
-    for folder in folders:
-        root = Path(folder).resolve()
-        candidate = (root / f"{prefix}{name}{suffix}").resolve()
-        if candidate.parent == root and candidate.is_file():
-            return candidate
-    raise CodecError(f"unknown weights set {name!r}: no {prefix}{name}{suffix} in the codec weights")
+    return resolve_set_file(weights_dir, f"{prefix}{name}{suffix}")
+
+
+def set_param(params: dict[str, str], key: str, weights_dir: Path | None) -> str:
+    """The set name header param ``key`` selects, else the set's own name (config.json's ``set_name``)."""
+    return params[key] if key in params else default_set_name(weights_dir)
 
 
 def _float_param(params: dict[str, str], key: str) -> float | None:
@@ -114,17 +114,18 @@ def save_fcm_stats(path: Path, lo: float, hi: float, **extra: object) -> None:
 class FcmStage(TensorStage):
     """FCM-LM baseline: clamp to [lo, hi], scale to [0, 1].
 
-    Params: ``fcm_stats`` (fitted set name, default ``shapes_v1``) or explicit ``fcm_lo``/``fcm_hi``,
+    Params: ``fcm_stats`` (fitted set name, default: the codec set's own) or explicit ``fcm_lo``/``fcm_hi``,
     which win over the set. Both ends of the pipeline build the same range from the header, so nothing per
     request is sent.
     """
 
     request_params = ("fcm_stats", "fcm_lo", "fcm_hi")
+    uses_codec_set = True
 
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         lo, hi = _float_param(params, "fcm_lo"), _float_param(params, "fcm_hi")
         if lo is None or hi is None:
-            path = resolve_weights_file(params.get("fcm_stats", "shapes_v1"), "fcm_", ".json", weights_dir)
+            path = resolve_weights_file(set_param(params, "fcm_stats", weights_dir), "fcm_", ".json", weights_dir)
             set_lo, set_hi = _load_fcm_stats(path)
             lo = set_lo if lo is None else lo
             hi = set_hi if hi is None else hi
@@ -203,16 +204,18 @@ def _load_centres(path: Path) -> torch.Tensor:
 class DtufcStage(TensorStage):
     """DT-UFC: value -> (index of the largest centre <= value) / 2^b; inverse -> the centre at that index.
 
-    Params: ``dtufc_centres`` (fitted set name, default ``shapes_v1``); optional ``dtufc_bits`` must match
+    Params: ``dtufc_centres`` (fitted set name, default: the codec set's own); optional ``dtufc_bits`` must match
     the set (it guards against a device holding a different codebook than the edge). Values below the
     smallest centre map to index 0. Tensors are seen as (..., C, H, W); with G groups of centres, channel c
     uses group c // (C / G).
     """
 
     request_params = ("dtufc_centres", "dtufc_bits")
+    uses_codec_set = True
 
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
-        path = resolve_weights_file(params.get("dtufc_centres", "shapes_v1"), "dtufc_", ".safetensors", weights_dir)
+        path = resolve_weights_file(set_param(params, "dtufc_centres", weights_dir), "dtufc_", ".safetensors",
+                                    weights_dir)
         self.centres = _load_centres(path)
         self.levels = int(self.centres.shape[1])
         if "dtufc_bits" in params:

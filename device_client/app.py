@@ -21,7 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import codec
-from codec.sets import IMAGE_SOURCE, LLM_SOURCE, SOURCES
+from codec.image_sets import image_set_dir
+from codec.sets import IMAGE_SOURCE, IMAGE_SPLIT, LLM_SOURCE, SOURCES, codec_set_identity
 from device_client.decoders import DecoderBank
 from device_client.finisher import SplitFinisher
 from device_client.generate import GenerateDefaults, ImageGeneration
@@ -120,7 +121,8 @@ class DeviceState:
         c = self.config
         defaults = GenerateDefaults(c.default_steps, c.default_guidance, c.default_codec, c.request_timeout_s,
                                     c.max_in_flight, c.max_pixel_steps)
-        self.generation = ImageGeneration(self.link, self.decoders, self.finisher, defaults, self.metrics)
+        self.generation = ImageGeneration(self.link, self.decoders, self.finisher, defaults, self.metrics,
+                                          model_dir=c.model_dir)
         if self.openai is not None:
             self.openai.generation.link = self.link
 
@@ -220,6 +222,19 @@ def _add_page_routes(app: FastAPI, state: DeviceState) -> None:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def codec_sets(state: DeviceState) -> dict[str, dict[str, Any]]:
+    """The codec set this device holds per feature source: ``{source: {"id", "hash", "split"}}`` (hash "" when
+    none is fitted: then only codecs without fitted data work). The LLM's is the one at its default split."""
+    model_dir = state.config.model_dir.expanduser().resolve()
+    set_id, set_hash = codec_set_identity(image_set_dir(model_dir), model_dir.name, IMAGE_SPLIT, IMAGE_SOURCE)
+    out = {IMAGE_SOURCE: {"id": set_id, "hash": set_hash, "split": IMAGE_SPLIT}}
+    if state.llm is not None:
+        k = int(state.llm.describe()["default_split_layer"])
+        _, (llm_id, llm_hash) = state.llm.codec_set(k)
+        out[LLM_SOURCE] = {"id": llm_id, "hash": llm_hash, "split": k}
+    return out
+
+
 def _add_api_routes(app: FastAPI, state: DeviceState) -> None:
     config = state.config
 
@@ -234,11 +249,16 @@ def _add_api_routes(app: FastAPI, state: DeviceState) -> None:
                   "stages": resolve_spec(p.name)[0].split("+"), "params": p.params, "sources": list(p.sources),
                   "request_params": list(request_params(p.name))} for p in codec.list_codecs(source or IMAGE_SOURCE)]
         default = config.llm.llm_default_codec if source == LLM_SOURCE else config.default_codec
-        return {"codecs": items, "default": default}
+        out: dict[str, Any] = {"codecs": items, "default": default}
+        if source is not None:
+            out["codec_set"] = codec_sets(state).get(source)
+        return out
 
     @app.get("/v1/sources")
     async def sources() -> dict[str, Any]:
-        return {"sources": [{"name": name, "codecs": codec.codec_names(name)} for name in SOURCES]}
+        sets = codec_sets(state)
+        return {"sources": [{"name": name, "codecs": codec.codec_names(name), "codec_set": sets.get(name)}
+                            for name in SOURCES]}
 
     @app.get("/v1/channels")
     async def channels() -> dict[str, Any]:

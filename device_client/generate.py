@@ -16,6 +16,9 @@ import torch
 from PIL import Image
 
 import codec
+from codec.image_sets import image_set_dir
+from codec.registry import uses_codec_set
+from codec.sets import IMAGE_SOURCE, IMAGE_SPLIT, codec_set_identity
 from device_client.decoders import DecoderBank, DecoderUnavailableError
 from device_client.finisher import SplitFinisher
 from device_client.link import DeviceLink, LinkError
@@ -30,7 +33,10 @@ from wire.framing import ReceivedStream
 from wire.payload import CodecError
 
 log = logging.getLogger(__name__)
-CODEC_WEIGHTS = Path(codec.__file__).resolve().parent / "weights"
+
+
+class CodecSetMismatchError(CodecError):
+    """The edge coded the features with another image codec set than this device holds."""
 
 
 @dataclass
@@ -76,13 +82,18 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
     service = "device"
 
     def __init__(self, link: DeviceLink, decoders: DecoderBank, finisher: SplitFinisher, defaults: GenerateDefaults,
-                 metrics: MegMetrics) -> None:
+                 metrics: MegMetrics, model_dir: Path | None = None) -> None:
         self.link = link
         self.decoders = decoders
         self.finisher = finisher
         self.defaults = defaults
         self.metrics = metrics
         self.in_flight = 0
+        # This device's image codec set (the model's <model dir>/codecs/image-k0), read once: sets change only
+        # with a restart. Fitted codecs decode with it alone, and only a payload coded with the same set.
+        folder = Path(model_dir if model_dir is not None else decoders.model_dir).expanduser().resolve()
+        self.codec_set_dir = image_set_dir(folder)
+        self.codec_set = codec_set_identity(self.codec_set_dir, folder.name, IMAGE_SPLIT, IMAGE_SOURCE)
 
     def metric_labels(self, body: GenerateIn) -> tuple[str, str]:
         return body.codec or self.defaults.codec, body.channel.model
@@ -135,6 +146,8 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
         t_dec = time.perf_counter()
         try:
             image, reference, concealed = await asyncio.to_thread(self._decode, received, work.spec, work.decoder)
+        except CodecSetMismatchError as exc:
+            raise RequestError(Status.BAD_STREAM, str(exc), label="codec_set_mismatch") from exc
         except (DecoderUnavailableError, CodecError, ValueError) as exc:
             raise RequestError(Status.BAD_STREAM, f"device could not decode the features: {exc}",
                                label="decode_failed") from exc
@@ -144,7 +157,8 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
                 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Features → image (and the clean reference image when the edge sent reference features)."""
         header = received.header
-        feature_codec = codec.build_codec(header.codec_id, dict(header.codec_params), CODEC_WEIGHTS)
+        self.check_codec_set(header)
+        feature_codec = codec.build_codec(header.codec_id, dict(header.codec_params), self.codec_set_dir)
         erased = [(r.start, r.end) for r in received.trailer.channel.erased]
         damaged = link_may_have_damaged(spec, received.payload, erased)
         reception = receive_features(feature_codec, received.payload, damaged)
@@ -160,6 +174,24 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
 
         reference = to_image(received.reference) if received.reference else None
         return to_image(reception.tensors), reference, reception.concealed
+
+    def check_codec_set(self, header: meg_pb2.StreamHeader) -> None:
+        """Refuse a payload whose codec reads fitted data when the edge's set (named in the header) is not this
+        device's: decoding it with other ranges, centres or weights would give a plausible-looking wrong image.
+
+        Only the content hash decides (two folders with the same files are the same set, whatever the model
+        folders are called); codecs without fitted data (raw, uint8, analog) decode whatever the sets.
+        """
+        try:
+            needs_set = uses_codec_set(header.codec_id)
+        except CodecError:
+            return  # an unknown codec is refused by build_codec with its own message
+        if needs_set and header.codec_set_hash != self.codec_set[1]:
+            raise CodecSetMismatchError(
+                f"codec set mismatch: the edge coded {header.codec_id!r} with image codec set "
+                f"{header.codec_set or '?'!r} ({header.codec_set_hash[:16] or 'none'}), this device holds "
+                f"{self.codec_set[0]!r} ({self.codec_set[1][:16] or f'none at {self.codec_set_dir}'}); edge and "
+                f"device need the same set (the one beside the model they run)")
 
     async def encode_response(self, d: Decoded, ctx: CallContext) -> AsyncIterator[tuple[GenerateOut, bytes]]:
         quality: dict[str, float] = {}

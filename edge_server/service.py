@@ -24,7 +24,8 @@ import torch
 import codec
 from codec.base import CodecError
 from codec.registry import check_request_params
-from codec.sets import IMAGE_SOURCE
+from codec.image_sets import image_set_dir
+from codec.sets import IMAGE_SOURCE, IMAGE_SPLIT, codec_set_identity
 from edge_server.diffusion import DiffusionJob, DiffusionStepModel
 from edge_server.llm import SESSION_SERVICE, LlmEdgeConfig, LlmEdgeStepModel, LlmSessionApi
 from serving.scheduler import (
@@ -142,7 +143,8 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
     service = "edge"
 
     def __init__(self, backend: TextToImageBackend, scheduler: StepScheduler, metrics: MegMetrics,
-                 encode_threads: int | None = None, max_pixel_steps: int = DEFAULT_MAX_PIXEL_STEPS) -> None:
+                 encode_threads: int | None = None, max_pixel_steps: int = DEFAULT_MAX_PIXEL_STEPS,
+                 model_dir: Path | None = None) -> None:
         self.backend = backend
         self.max_pixel_steps = max_pixel_steps
         self.scheduler = scheduler
@@ -153,7 +155,13 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
         self._encode_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="edge-encode",
             initializer=(lambda: torch.set_num_threads(threads)) if threads else None)
-        self._codec_weights = Path(codec.__file__).resolve().parent / "weights"
+        # The image codec set of the model this edge runs (<model dir>/codecs/image-k0): codecs read their fitted
+        # data there and nowhere else, and every header names it so the device can refuse another set's payload.
+        # Read once: a set changes only with a restart.
+        self.codec_set_dir = image_set_dir(model_dir if model_dir is not None else backend.path)
+        self.codec_set = codec_set_identity(self.codec_set_dir, backend.model_id, IMAGE_SPLIT, IMAGE_SOURCE)
+        log.info("image codec set %s (%s)", self.codec_set[0], self.codec_set[1][:16] or
+                 f"none at {self.codec_set_dir}: only codecs without fitted data are served")
 
     def metric_labels(self, request: meg_pb2.GenerateRequest) -> tuple[str, str]:
         codec_label = request.codec if request.codec in codec.codec_names(IMAGE_SOURCE) else "invalid"
@@ -177,7 +185,7 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
             self._check_budget(request, shape)
             if snr is not None:
                 params.setdefault("channel_snr_db", f"{snr:g}")
-            feature_codec = codec.build_codec(request.codec, params, self._codec_weights)
+            feature_codec = codec.build_codec(request.codec, params, self.codec_set_dir)
         except (ValueError, CodecError) as exc:
             raise RequestError(Status.INVALID, str(exc)) from None
         job = DiffusionJob(request.prompt, request.seed, request.steps, request.guidance_scale, request.split_step,
@@ -229,7 +237,8 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
         yield framing.header_frame(payload, request_id=ctx.request_id, model_id=self.backend.model_id,
                                    codec_id=request.codec, timings=timings, split_step=request.split_step,
                                    total_steps=request.steps, guidance_scale=request.guidance_scale,
-                                   prompt=request.prompt)
+                                   prompt=request.prompt, codec_set=self.codec_set[0],
+                                   codec_set_hash=self.codec_set[1])
         chunks = 0
         for frame in framing.chunk_frames(payload):
             chunks += 1
@@ -260,7 +269,7 @@ async def serve(config: EdgeConfig, ready: asyncio.Event | None = None,
     backend = load_backend(config.model_dir, device=config.device, dtype=config.torch_dtype())
     cpu = backend.device.type == "cpu"
     scheduler = StepScheduler(DiffusionStepModel(backend), config.engine, metrics, cpu=cpu, name="edge-compute")
-    api = EdgeApi(backend, scheduler, metrics, max_pixel_steps=config.max_pixel_steps)
+    api = EdgeApi(backend, scheduler, metrics, max_pixel_steps=config.max_pixel_steps, model_dir=config.model_dir)
     sessions = load_llm_sessions(config, metrics, cpu)
     # Under mutual TLS only the channel emulator may call the edge: no client skips the emulated link.
     peers = ("channel",) if credentials is not None else ()

@@ -10,9 +10,10 @@ is only written with --overwrite. Checkpoints go to --work-dir/<stage>/ckpt.pt e
 training can be added to a family without redoing the stages it depends on (checkpoints then
 go to <stage>-finetune/).
 
-Two families have CLIs of their own, dispatched from here: ``meg train llm <stage>`` (the embedded language
-model, :mod:`models.llm.train`) and ``meg train codecs --source llm-hidden --model-dir DIR --split-layer K``
-(the fitted hidden-state codec set of a split LLM, :mod:`codec.fit_hidden`).
+Three more CLIs are dispatched from here: ``meg train llm <stage>`` (the embedded language model,
+:mod:`models.llm.train`), ``meg train codecs --source llm-hidden --model-dir DIR --split-layer K`` (the fitted
+hidden-state codec set of a split LLM, :mod:`codec.fit_hidden`) and ``meg train codecs --source image
+--model-dir DIR [--adopt OLD_DIR]`` (the image codec set of a diffusion model, :mod:`codec.fit_image`).
 """
 
 from __future__ import annotations
@@ -170,6 +171,16 @@ def stage_options(args: argparse.Namespace, stage: str, device: torch.device) ->
     )
 
 
+def codecs_source(argv: list[str]) -> str | None:
+    """The ``--source`` of a ``meg train codecs`` command line (``--source X`` or ``--source=X``), if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--source" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--source="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns a process exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -177,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         from models.llm.train import main as llm_main
 
         return llm_main(argv[1:])
-    if argv[:1] == ["codecs"]:  # `meg train codecs --source llm-hidden ...`: fitted hidden-state codec sets
+    if argv[:1] == ["codecs"]:  # `meg train codecs --source image|llm-hidden ...`: fitted codec sets
+        if codecs_source(argv[1:]) == "image":
+            from codec.fit_image import main as image_codecs_main
+
+            return image_codecs_main(argv[1:])
         from codec.fit_hidden import main as codecs_main
 
         return codecs_main(argv[1:])

@@ -11,9 +11,13 @@ import pytest
 from PIL import Image
 
 from radio.digital import DigitalChain, DigitalChainConfig
-from codec.jscc import PACKAGE_WEIGHTS
+from codec.image_sets import image_set_dir
+from models import DEFAULT_MODEL_DIR
 from conftest import Testbed
 from meg_cli.main import _parser
+
+#: The embedded model's image codec set, where its JSCC links live.
+PACKAGE_WEIGHTS = image_set_dir(DEFAULT_MODEL_DIR)
 
 PROMPT = "a blue square on a black background"
 STEPS = 2  # the link, not the image, is under test here
@@ -72,7 +76,7 @@ def test_ldpc_link_below_the_cliff_is_concealed_not_crashed(testbed: Testbed, co
 @pytest.mark.parametrize("channel", [{"model": "awgn", "snr_db": 0}, {"model": "rayleigh", "snr_db": 10}])
 def test_learned_jscc_links(testbed: Testbed, codec: str, channel: dict) -> None:
     if jscc_weights_missing(codec):
-        pytest.skip(f"{codec} weights are not trained yet (python -m codec.train_jscc)")
+        pytest.skip(f"{codec} weights are not trained yet (meg train codecs --source image --model-dir DIR)")
     resp = post(testbed, {"codec": codec, "channel": channel, "reference": True})
     assert resp.status_code == 200, resp.text
     out = resp.json()

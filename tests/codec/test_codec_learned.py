@@ -14,7 +14,12 @@ from codec.base import CodecError, EncodedPayload, StageContext, TensorInfo
 from codec.learned import (MODEL_KINDS, CoderConfig, LearnedCoder, build_model, decode_planes, encode_planes,
                            load_coder, reference_reconstruction)
 from codec.registry import build_codec, codec_names
+from codec.image_sets import image_set_dir
 from codec.train_coders import default_pairs
+from models import DEFAULT_MODEL_DIR
+
+#: The embedded model's image codec set (committed), which every learned coder here loads from.
+SET = image_set_dir(DEFAULT_MODEL_DIR)
 
 PRESETS = ["factorized", "hyperprior", "mshyperprior", "elic", "dtufc+factorized", "dtufc+hyperprior",
            "dtufc+mshyperprior", "dtufc+elic", "fcm+hyperprior"]
@@ -32,7 +37,7 @@ def test_presets_registered() -> None:
 
 @pytest.mark.parametrize("kind,domain", default_pairs())
 def test_decompress_equals_models_own_quantised_reconstruction(kind: str, domain: str) -> None:
-    model, _ = load_coder("shapes_v1", kind, domain, 2)
+    model, _ = load_coder("shapes_v1", kind, domain, 2, SET)
     g = torch.Generator().manual_seed(1)
     x = torch.rand((1, 1, 32, 32), generator=g) if domain != "identity" else torch.randn((1, 1, 32, 32), generator=g)
     strings = encode_planes(model, kind, x)
@@ -44,7 +49,7 @@ def test_decompress_equals_models_own_quantised_reconstruction(kind: str, domain
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_codec_round_trip_and_bpfp(preset: str) -> None:
-    c = build_codec(preset)
+    c = build_codec(preset, None, SET)
     x = {"latents": _latents(2)}
     payload = c.encode(x)
     assert payload.kind == "digital" and len(payload.data) > 5
@@ -58,7 +63,7 @@ def test_codec_round_trip_and_bpfp(preset: str) -> None:
 
 def test_quality_ladder_orders_rate() -> None:
     x = {"latents": _latents(3, batch=4)}
-    sizes = [len(build_codec("dtufc+hyperprior", {"learned_quality": str(q)}).encode(x).data) for q in (1, 4)]
+    sizes = [len(build_codec("dtufc+hyperprior", {"learned_quality": str(q)}, SET).encode(x).data) for q in (1, 4)]
     assert sizes[0] < sizes[1]
 
 
@@ -85,7 +90,7 @@ def _with_crc(body: bytes) -> bytes:
 
 @pytest.mark.parametrize("preset", ["dtufc+hyperprior", "elic", "mshyperprior", "dtufc+factorized"])
 def test_corrupt_and_truncated_payloads_raise_codec_error(preset: str) -> None:
-    c = build_codec(preset)
+    c = build_codec(preset, None, SET)
     payload = c.encode({"latents": _latents(4)})
     data = payload.data
     rng = random.Random(0)
@@ -133,11 +138,11 @@ def test_corrupt_and_truncated_payloads_raise_codec_error(preset: str) -> None:
 ])
 def test_garbage_params_raise_codec_error(params: dict[str, str]) -> None:
     with pytest.raises(CodecError):
-        build_codec("dtufc+hyperprior", params)
+        build_codec("dtufc+hyperprior", params, SET)
 
 
 def test_garbage_header_on_decode_raises_codec_error() -> None:
-    c = build_codec("dtufc+hyperprior")
+    c = build_codec("dtufc+hyperprior", None, SET)
     payload = c.encode({"latents": _latents(5)})
     for key, value in [("coded_tensors", "latents:1x1x32"), ("coded_tensors", "latents:1x3x32x32"),
                        ("coded_tensors", "latents:1x1x64x64"), ("coded_tensors", "zz"),
@@ -149,7 +154,7 @@ def test_garbage_header_on_decode_raises_codec_error() -> None:
 
 
 def test_learned_coder_rejects_unpacked_tensors() -> None:
-    coder = LearnedCoder({"learned_model": "hyperprior"}, None)
+    coder = LearnedCoder({"learned_model": "hyperprior"}, SET)
     with pytest.raises(CodecError):
         coder.compress({"latents": _latents(6)}, StageContext(params={}))
     with pytest.raises(CodecError):
@@ -159,4 +164,4 @@ def test_learned_coder_rejects_unpacked_tensors() -> None:
 def test_all_model_kinds_trained() -> None:
     for kind in MODEL_KINDS:
         for q in (1, 2, 3, 4):
-            load_coder("shapes_v1", kind, "dtufc", q)
+            load_coder("shapes_v1", kind, "dtufc", q, SET)

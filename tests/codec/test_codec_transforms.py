@@ -9,10 +9,21 @@ import torch
 
 import codec  # noqa: F401  (registers stages)
 from codec.base import CodecError, StageContext
+from codec.image_sets import image_set_dir, write_image_set_config
 from codec.packing import TileStage, grid_for, tile_planes, untile_planes
 from codec.registry import build_codec
 from codec.transforms import (DtufcStage, FcmStage, IdentityStage, fit_dtufc_centres, kmeans_1d,
                               resolve_weights_file, save_dtufc_centres)
+from models import DEFAULT_MODEL_DIR
+
+#: The embedded model's image codec set (committed): the fitted stages read it and nothing else.
+SET = image_set_dir(DEFAULT_MODEL_DIR)
+
+
+def _as_set(folder: Path, name: str) -> Path:
+    """Make ``folder`` (holding fitted files) a codec set: codecs only read files a config.json hashes."""
+    write_image_set_config(folder, folder, {"method": "test"}, set_name=name, model_id="test")
+    return folder
 
 
 def _latents(seed: int = 0, shape: tuple[int, ...] = (2, 4, 16, 16)) -> torch.Tensor:
@@ -69,7 +80,7 @@ def test_fcm_error_bounded_by_truncation() -> None:
 
 
 def test_fcm_shipped_stats_and_bad_params() -> None:
-    stage = FcmStage({}, None)  # default set shapes_v1 ships with the codec
+    stage = FcmStage({}, SET)  # the set's own name (shapes_v1) by default
     assert stage.hi > stage.lo
     for params in ({"fcm_lo": "1", "fcm_hi": "0"}, {"fcm_lo": "nan", "fcm_hi": "1"}, {"fcm_lo": "x", "fcm_hi": "1"}):
         with pytest.raises(CodecError):
@@ -87,7 +98,8 @@ def test_dtufc_error_bounded_by_centre_spacing(tmp_path: Path) -> None:
     x = _latents(3)
     centres = fit_dtufc_centres(_latents(4, (64, 4, 16, 16)), bits=6)
     save_dtufc_centres(tmp_path / "dtufc_unit.safetensors", centres)
-    stage, ctx = DtufcStage({"dtufc_centres": "unit", "dtufc_bits": "6"}, tmp_path), StageContext(params={})
+    stage, ctx = DtufcStage({"dtufc_centres": "unit", "dtufc_bits": "6"}, _as_set(tmp_path, "unit")), \
+        StageContext(params={})
     y = stage.forward({"x": x}, ctx)["x"]
     assert float(y.min()) >= 0.0 and float(y.max()) < 1.0
     # The output is the index / 2^b: exactly representable, so the inverse finds the same centre.
@@ -107,7 +119,7 @@ def test_dtufc_per_channel_groups(tmp_path: Path) -> None:
     centres = fit_dtufc_centres(train, bits=4, groups=2)
     assert centres.shape == (2, 16)
     save_dtufc_centres(tmp_path / "dtufc_grp.safetensors", centres)
-    stage, ctx = DtufcStage({"dtufc_centres": "grp"}, tmp_path), StageContext(params={})
+    stage, ctx = DtufcStage({"dtufc_centres": "grp"}, _as_set(tmp_path, "grp")), StageContext(params={})
     x = train[:2]
     back = stage.inverse(stage.forward({"x": x}, ctx), ctx)["x"]
     assert torch.all(back[:, :2].unsqueeze(-1).sub(centres[0]).abs().min(-1).values < 1e-6)
@@ -115,7 +127,7 @@ def test_dtufc_per_channel_groups(tmp_path: Path) -> None:
 
 
 def test_dtufc_shipped_centres_round_trip() -> None:
-    stage, ctx = DtufcStage({}, None), StageContext(params={})
+    stage, ctx = DtufcStage({}, SET), StageContext(params={})
     assert stage.levels == 256
     x = _latents(6)
     back = stage.inverse(stage.forward({"x": x}, ctx), ctx)["x"]
@@ -128,14 +140,14 @@ def test_dtufc_shipped_centres_round_trip() -> None:
                                   "a" * 100, "shapes v1"])
 def test_unknown_or_path_like_centre_names_rejected(name: str) -> None:
     with pytest.raises(CodecError):
-        DtufcStage({"dtufc_centres": name}, None)
+        DtufcStage({"dtufc_centres": name}, SET)
     with pytest.raises(CodecError):
-        build_codec("dtufc+hyperprior", {"dtufc_centres": name})
+        build_codec("dtufc+hyperprior", {"dtufc_centres": name}, SET)
     with pytest.raises(CodecError):
-        resolve_weights_file(name, "fcm_", ".json")
+        resolve_weights_file(name, "fcm_", ".json", SET)
 
 
 def test_dtufc_bits_mismatch_rejected() -> None:
     for bits in ("4", "0", "99", "eight"):
         with pytest.raises(CodecError):
-            DtufcStage({"dtufc_bits": bits}, None)
+            DtufcStage({"dtufc_bits": bits}, SET)

@@ -38,7 +38,8 @@ from meg.v1 import meg_pb2
 
 from conftest import Testbed
 
-WEIGHTS = Path(codec.__file__).resolve().parent / "weights"
+#: The embedded model's image codec set: image codecs are fuzzed with the fitted data the edge and device use.
+WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "shapes_v1" / "codecs" / "image-k0"
 #: The embedded LLM's fitted codec set (k = 2): hidden-state codecs are fuzzed on hidden states with it.
 LLM_SET = Path(__file__).resolve().parents[2] / "models" / "shapes_llm_v1" / "codecs" / "llm-hidden-k2"
 HIDDEN_SHAPE = (1, 6, 128)

@@ -13,7 +13,11 @@ import pytest
 
 from bench import rate as rate_bench
 from bench import snr as snr_bench
-from codec.jscc import PACKAGE_WEIGHTS
+from codec.image_sets import image_set_dir
+from models import DEFAULT_MODEL_DIR
+
+#: The embedded model's image codec set, where its JSCC links live.
+PACKAGE_WEIGHTS = image_set_dir(DEFAULT_MODEL_DIR)
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
