@@ -15,50 +15,45 @@ from codec.base import CodecError, SourceCoder, StageContext, TensorInfo
 from codec.registry import register_preset, register_terminal
 
 
-@register_terminal("fp16")
-class Fp16Coder(SourceCoder):
-    """Concatenates the tensors as little-endian float16, in header order."""
+class _FloatCoder(SourceCoder):
+    """Concatenates the tensors as little-endian IEEE floats of :attr:`dtype`, in header order."""
+
+    dtype: str = "<f4"
 
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         del params, weights_dir
 
     def compress(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> bytes:
-        return b"".join(t.to(torch.float16).numpy().astype("<f2").tobytes() for t in tensors.values())
+        return b"".join(t.to(torch.float32).numpy().astype(self.dtype).tobytes() for t in tensors.values())
 
     def decompress(self, data: bytes, infos: list[TensorInfo], ctx: StageContext) -> dict[str, torch.Tensor]:
-        expected = 2 * sum(i.numel for i in infos)
+        size = np.dtype(self.dtype).itemsize
+        expected = size * sum(i.numel for i in infos)
         if len(data) != expected:
-            raise CodecError(f"fp16 payload has {len(data)} bytes, expected {expected}")
+            raise CodecError(f"{self.name} payload has {len(data)} bytes, expected {expected}")
         out, pos = {}, 0
         for info in infos:
-            n = 2 * info.numel
-            values = np.frombuffer(data[pos:pos + n], dtype="<f2").astype(np.float32)
+            n = size * info.numel
+            values = np.frombuffer(data[pos:pos + n], dtype=self.dtype).astype(np.float32)
             out[info.name] = torch.from_numpy(values.reshape(info.shape).copy())
             pos += n
         return out
+
+
+@register_terminal("fp16")
+class Fp16Coder(_FloatCoder):
+    """Half floats: the MEG-DT digital baseline."""
+
+    name = "fp16"
+    dtype = "<f2"
 
 
 @register_terminal("fp32")
-class Fp32Coder(SourceCoder):
-    """Concatenates the tensors as little-endian float32, in header order (bit-exact)."""
+class Fp32Coder(_FloatCoder):
+    """Single floats, bit-exact."""
 
-    def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
-        del params, weights_dir
-
-    def compress(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> bytes:
-        return b"".join(t.to(torch.float32).numpy().astype("<f4").tobytes() for t in tensors.values())
-
-    def decompress(self, data: bytes, infos: list[TensorInfo], ctx: StageContext) -> dict[str, torch.Tensor]:
-        expected = 4 * sum(i.numel for i in infos)
-        if len(data) != expected:
-            raise CodecError(f"fp32 payload has {len(data)} bytes, expected {expected}")
-        out, pos = {}, 0
-        for info in infos:
-            n = 4 * info.numel
-            values = np.frombuffer(data[pos:pos + n], dtype="<f4").astype(np.float32)
-            out[info.name] = torch.from_numpy(values.reshape(info.shape).copy())
-            pos += n
-        return out
+    name = "fp32"
+    dtype = "<f4"
 
 
 register_preset("raw-fp16", "fp16", "Features as float16, uncompressed (digital)", sources=("image", "llm-hidden"))

@@ -35,7 +35,12 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     Ties are broken by the pair's string so the result is deterministic. Because BPE replays
     merges in learned order, applying these merges reproduces one token per training word.
     """
-    seqs = {w: [*w[:-1], w[-1] + _END] for w in words}
+    return merge_symbols({w: [*w[:-1], w[-1] + _END] for w in words})
+
+
+def merge_symbols(seqs: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """BPE merges of the symbol sequences ``seqs`` (one per word), most frequent adjacent pair first, until
+    every word is one symbol; ties break on the pair's text. ``seqs`` is consumed."""
     merges: list[tuple[str, str]] = []
     while any(len(s) > 1 for s in seqs.values()):
         counts: Counter[tuple[str, str]] = Counter()

@@ -22,7 +22,6 @@ chat template renders exactly the question text), ``</s>`` (2, ends every traini
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Final
 
@@ -31,6 +30,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import PreTrainedTokenizerFast
 
 from models.llm.corpus import closed_vocabulary
+from models.vocab import merge_symbols
 from models.shapes import COLORS, SHAPES
 
 PAD_TOKEN: Final[str] = "<pad>"
@@ -78,25 +78,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     pair's rank is the step at which it was the best pair, so encoding a training word repeats exactly
     the merges that built it: one token per word.
     """
-    seqs = {w: list(w) for w in words}
-    merges: list[tuple[str, str]] = []
-    while any(len(s) > 1 for s in seqs.values()):
-        counts: Counter[tuple[str, str]] = Counter()
-        for s in seqs.values():
-            counts.update(zip(s, s[1:]))
-        best = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(best)
-        for w, s in seqs.items():
-            out, i = [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            seqs[w] = out
-    return merges
+    return merge_symbols({w: list(w) for w in words})
 
 
 def object_phrases() -> list[str]:
