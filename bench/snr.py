@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 import codec
+from codec.adaptation import table_from_snr_csv
 from codec.base import CodecError
 from codec.image_sets import image_set_dir
 from device_client.receiver import link_may_have_damaged, receive_features
@@ -573,8 +574,11 @@ def run(quick: bool, out_dir: Path, *, n_images: int | None = None, snrs: tuple[
             "tiny_ceiling_psnr": tiny["psnr_db"], "quick": quick, "command": command,
             "mode": mode or ("quick" if quick else "full")}
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out_dir / "snr.csv", "png": out_dir / "snr.png", "md": out_dir / "snr.md"}
+    paths = {"csv": out_dir / "snr.csv", "png": out_dir / "snr.png", "md": out_dir / "snr.md",
+             "adaptation": out_dir / "snr_adaptation.json"}
     write_csv(rows, paths["csv"])
+    # The link-adaptation table of codec "auto" (copy it into the model's codec set to serve it).
+    paths["adaptation"].write_text(table_from_snr_csv(paths["csv"]).to_json())
     plot(rows, channels, paths["png"])
     write_markdown(rows, meta, channels, snr_list, paths["md"])
     logger.info("bench snr: wrote %s in %.0f s", ", ".join(str(p) for p in paths.values()), meta["seconds"])

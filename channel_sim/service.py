@@ -155,6 +155,13 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
             self.metrics.error(exc.label)
             raise
         ctx.labels["codec"] = received.header.codec_id
+        choice = received.header.choice
+        if choice.fec:  # the edge's link adaptation chose a digital scheme: its transceiver applies
+            try:
+                work.spec = work.spec.with_digital_link(choice.modulation, choice.fec, choice.code_rate or None)
+            except ChannelError as exc:
+                raise RequestError(Status.BAD_STREAM, f"edge chose an unusable link: {exc}",
+                                   label="bad_upstream_stream") from exc
         started = time.perf_counter()
         link = await asyncio.get_running_loop().run_in_executor(
             None, self.link.send, work.spec, received.payload, generator)

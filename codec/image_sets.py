@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 #: What a set's codec files look like (``config.json`` aside); adopting copies exactly these.
 SET_FILE_PATTERNS: tuple[str, ...] = ("fcm_*.json", "dtufc_*.safetensors", "learned_*.safetensors",
-                                      "learned_*.json", "jscc_*.safetensors")
+                                      "learned_*.json", "jscc_*.safetensors", "adaptation.json")
 FIT_COMMAND = "meg train codecs --source image --model-dir {model_dir}"
 ADOPT_COMMAND = "meg train codecs --source image --model-dir {model_dir} --adopt {old_dir}"
 
@@ -180,7 +180,8 @@ def _parts(folder: Path, files: list[Path]) -> dict[str, list[str]]:
 
 def infer_set_name(files: list[Path]) -> str:
     """The ``<set>`` most of the FCM / DT-UFC / learned files are stored under (the JSCC files have none)."""
-    names = Counter(p.name.split("_", 1)[1].rsplit(".", 1)[0] for p in files if not p.name.startswith("jscc_"))
+    names = Counter(p.name.split("_", 1)[1].rsplit(".", 1)[0] for p in files
+                    if p.name.startswith(("fcm_", "dtufc_", "learned_")))
     if not names:
         raise ValueError("no fcm_/dtufc_/learned_ files to take a set name from")
     return names.most_common(1)[0][0]

@@ -250,6 +250,12 @@ def _add_api_routes(app: FastAPI, state: DeviceState) -> None:
                   "request_params": list(request_params(p.name))} for p in codec.list_codecs(source or IMAGE_SOURCE)]
         default = config.llm.llm_default_codec if source == LLM_SOURCE else config.default_codec
         out: dict[str, Any] = {"codecs": items, "default": default}
+        if (source or IMAGE_SOURCE) == IMAGE_SOURCE:
+            out["adaptive"] = {"name": "auto", "request_params": ["budget_symbols"],
+                               "description": "link adaptation: the edge picks the scheme (codec and, for digital, "
+                                              "modulation, FEC, code rate) the measured table expects to do best at "
+                                              "the receiver's SNR estimate; the answer's codec_choice says which "
+                                              "and why"}
         if source is not None:
             out["codec_set"] = codec_sets(state).get(source)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -159,6 +160,8 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
         header = received.header
         self.check_codec_set(header)
         feature_codec = codec.build_codec(header.codec_id, dict(header.codec_params), self.codec_set_dir)
+        if header.choice.fec:  # link adaptation chose a digital transceiver: the receiver knows which
+            spec = spec.with_digital_link(header.choice.modulation, header.choice.fec, header.choice.code_rate or None)
         erased = [(r.start, r.end) for r in received.trailer.channel.erased]
         damaged = link_may_have_damaged(spec, received.payload, erased)
         reception = receive_features(feature_codec, received.payload, damaged)
@@ -208,14 +211,14 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
         image_id = ctx.request_id + os.urandom(8).hex()
         return GenerateOut(
             id=image_id, image_url=f"/v1/images/{image_id}.png", width=int(d.image.shape[-1]),
-            height=int(d.image.shape[-2]), codec=h.codec_id, channel=channel_echo(d.work.spec, report),
+            height=int(d.image.shape[-2]), codec=req.codec, channel=channel_echo(d.work.spec, report),
             bits_sent=d.received.payload.bits_sent, symbols_sent=int(report.symbols), airtime_ms=report.airtime_ms,
             timings_ms=Timings(edge=h.timings.queue_ms + h.timings.text_encode_ms + h.timings.denoise_ms,
                                encode=h.timings.encode_ms, channel=report.channel_ms, decode=1e3 * d.decode_s,
                                total=1e3 * total_s),
             quality=quality, model=h.model_id, decoder=d.work.decoder, bit_errors=int(report.bit_errors),
             concealed=d.concealed, batch_size=h.timings.batch_size, prompt=req.prompt, seed=req.seed,
-            steps=req.steps, guidance_scale=req.guidance_scale)
+            steps=req.steps, guidance_scale=req.guidance_scale, codec_choice=codec_choice(h))
 
     def _observe(self, d: Decoded, out: GenerateOut, ctx: CallContext) -> None:
         labels = self.metrics.labels(out.model, ctx.labels["codec"], d.work.spec.model, d.work.spec.snr_db)
@@ -228,6 +231,17 @@ class ImageGeneration(StreamingApi[GenerateIn, GenerateWork, Decoded, GenerateOu
         self.metrics.request_symbols.labels(**labels).observe(out.symbols_sent)
         log.info("%s over %s: %d bits, %d symbols, %.1f ms", out.codec, d.work.spec.model, out.bits_sent,
                  out.symbols_sent, out.timings_ms.total)
+
+
+def codec_choice(header: meg_pb2.StreamHeader) -> dict[str, Any] | None:
+    """What link adaptation chose and why (None unless the request asked for codec "auto")."""
+    if not header.HasField("choice"):
+        return None
+    c = header.choice
+    link = {"modulation": c.modulation, "fec": c.fec, "code_rate": c.code_rate or None} if c.fec else None
+    return {"scheme": c.chosen, "codec": header.codec_id, "link": link, "reason": c.reason,
+            "snr_estimate_db": c.snr_estimate_db if math.isfinite(c.snr_estimate_db) else None,
+            "expected_psnr_db": c.expected_quality}
 
 
 def channel_echo(spec: ChannelSpec, report: meg_pb2.ChannelReport) -> dict[str, Any]:

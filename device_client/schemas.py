@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 import codec
 from codec.base import CodecError
+from codec.adaptation import AUTO
 from codec.sets import IMAGE_SOURCE
 from codec.registry import check_request_params
 from radio import ChannelError, ChannelSpec, channel_names
@@ -63,7 +64,8 @@ class GenerateIn(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     steps: int | None = Field(None, ge=1, le=200)
     guidance_scale: float | None = Field(None, ge=0, le=50)
-    codec: str | None = Field(None, description="a codec name from GET /v1/codecs")
+    codec: str | None = Field(None, description="a codec name from GET /v1/codecs, or auto (link adaptation: "
+                                                "the edge chooses the scheme for the estimated SNR)")
     codec_params: dict[str, str] = Field(default_factory=dict,
                                          description="the codec's request parameters (GET /v1/codecs lists them)")
     channel: ChannelIn = Field(default_factory=ChannelIn)  # type: ignore[valid-type]
@@ -83,13 +85,22 @@ class GenerateIn(BaseModel):
     @field_validator("codec")
     @classmethod
     def _known_codec(cls, v: str | None) -> str | None:
-        if v is not None and v not in codec.codec_names(IMAGE_SOURCE):
-            raise ValueError(f"unknown codec {v!r}; known: {', '.join(codec.codec_names(IMAGE_SOURCE))}")
+        if v is not None and v not in codec.codec_names(IMAGE_SOURCE) and v != AUTO:
+            raise ValueError(f"unknown codec {v!r}; known: auto, {', '.join(codec.codec_names(IMAGE_SOURCE))}")
         return v
 
 
 def codec_problem(codec_name: str, body: GenerateIn) -> str | None:
     """Cross-field rules between the codec and the rest of the request (the message names the field)."""
+    if codec_name == AUTO:
+        # Link adaptation chooses the codec and, for a digital scheme, the transceiver.
+        for name in ("fec", "modulation", "code_rate"):
+            if getattr(body.channel, name) is not None:
+                return f"channel.{name}: chosen by codec 'auto' (link adaptation); leave it out"
+        extra = set(body.codec_params) - {"budget_symbols"}
+        if extra:
+            return f"codec_params.{sorted(extra)[0]}: codec 'auto' takes only budget_symbols"
+        return None
     try:
         check_request_params(codec_name, body.codec_params)
     except CodecError as exc:
@@ -131,3 +142,4 @@ class GenerateOut(BaseModel):
     seed: int
     steps: int
     guidance_scale: float
+    codec_choice: dict[str, object] | None = None  # with codec "auto": the scheme chosen and why

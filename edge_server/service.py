@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import codec
 from codec.base import CodecError
 from codec.registry import check_request_params
+from codec.adaptation import AUTO, TABLE_FILE as ADAPTATION_TABLE, AdaptationTable
 from codec.image_sets import image_set_dir
 from codec.sets import IMAGE_SOURCE, IMAGE_SPLIT, codec_set_identity
 from edge_server.diffusion import DiffusionJob, DiffusionStepModel
@@ -98,7 +100,7 @@ def validate_request(request: meg_pb2.GenerateRequest) -> str | None:
         return f"guidance_scale: must be in [0, {MAX_GUIDANCE}], got {request.guidance_scale}"
     if not 0 <= request.split_step < request.steps:
         return f"split_step: must be in [0, steps-1], got {request.split_step}"
-    if request.codec not in codec.codec_names(IMAGE_SOURCE):
+    if request.codec not in codec.codec_names(IMAGE_SOURCE) and request.codec != AUTO:
         return f"codec: unknown codec {request.codec!r}; known: {', '.join(codec.codec_names(IMAGE_SOURCE))}"
     return None
 
@@ -128,6 +130,8 @@ class EdgeWork:
     request: meg_pb2.GenerateRequest
     job: DiffusionJob
     codec: codec.Codec
+    codec_name: str = ""                    # the concrete codec (what "auto" chose, else the request's)
+    choice: meg_pb2.CodecChoice | None = None
 
 
 @dataclass
@@ -137,6 +141,12 @@ class EdgeResult:
     features: dict[str, torch.Tensor]
     payload: codec.EncodedPayload
     encode_s: float
+
+
+@dataclass
+class _AutoChoice:
+    chosen_codec: str
+    message: meg_pb2.CodecChoice
 
 
 class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb2.GenerateResponse]):
@@ -159,12 +169,13 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
         # data there and nowhere else, and every header names it so the device can refuse another set's payload.
         # Read once: a set changes only with a restart.
         self.codec_set_dir = image_set_dir(model_dir if model_dir is not None else backend.path)
+        self._adaptation: AdaptationTable | None = None  # loaded on the first "auto" request
         self.codec_set = codec_set_identity(self.codec_set_dir, backend.model_id, IMAGE_SPLIT, IMAGE_SOURCE)
         log.info("image codec set %s (%s)", self.codec_set[0], self.codec_set[1][:16] or
                  f"none at {self.codec_set_dir}: only codecs without fitted data are served")
 
     def metric_labels(self, request: meg_pb2.GenerateRequest) -> tuple[str, str]:
-        codec_label = request.codec if request.codec in codec.codec_names(IMAGE_SOURCE) else "invalid"
+        codec_label = request.codec if request.codec in (*codec.codec_names(IMAGE_SOURCE), AUTO) else "invalid"
         return codec_label, channel_label(request.channel.model)
 
     async def decode_request(self, request: meg_pb2.GenerateRequest, ctx: CallContext) -> EdgeWork:
@@ -180,17 +191,38 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
         try:
             shape = self.backend.latent_shape(request.height, request.width)
             params = dict(request.codec_params)
+            name, choice = request.codec, None
+            if name == AUTO:
+                choice = self._choose(request, params, snr if link_is_noisy(request.channel.model) else None)
+                name, params = choice.chosen_codec, {}
             # SNR-adaptive codecs (JSCC) take the link's SNR as side information.
-            check_request_params(request.codec, params)
+            check_request_params(name, params)
             self._check_budget(request, shape)
             if snr is not None:
                 params.setdefault("channel_snr_db", f"{snr:g}")
-            feature_codec = codec.build_codec(request.codec, params, self.codec_set_dir)
+            feature_codec = codec.build_codec(name, params, self.codec_set_dir)
         except (ValueError, CodecError) as exc:
             raise RequestError(Status.INVALID, str(exc)) from None
         job = DiffusionJob(request.prompt, request.seed, request.steps, request.guidance_scale, request.split_step,
                            shape)
-        return EdgeWork(request, job, feature_codec)
+        return EdgeWork(request, job, feature_codec, name, choice.message if choice else None)
+
+    def _choose(self, request: meg_pb2.GenerateRequest, params: dict[str, str], snr: float | None) -> "_AutoChoice":
+        """Link adaptation: the scheme the measured table expects to do best at the estimated SNR."""
+        extra = set(params) - {"budget_symbols"}
+        if extra:
+            raise CodecError(f"codec_params.{sorted(extra)[0]}: codec 'auto' takes only budget_symbols")
+        budget = float(params["budget_symbols"]) if "budget_symbols" in params else None
+        if self._adaptation is None:
+            self._adaptation = AdaptationTable.load(self.codec_set_dir / ADAPTATION_TABLE)
+        picked = self._adaptation.choose(request.channel.model or "ideal", snr, budget)
+        link = picked.scheme.link
+        message = meg_pb2.CodecChoice(
+            chosen=picked.scheme.name, reason=picked.reason, snr_estimate_db=snr if snr is not None else math.inf,
+            modulation=str(link.get("modulation", "")), fec=str(link.get("fec", "")),
+            code_rate=float(link.get("code_rate") or 0.0), expected_quality=picked.expected)
+        log.info("auto: %s", picked.reason)
+        return _AutoChoice(picked.scheme.codec, message)
 
     def _check_budget(self, request: meg_pb2.GenerateRequest, shape: tuple[int, int, int]) -> None:
         """Refuse a request whose compute (pixels × steps) is over the budget: one huge valid request would
@@ -235,7 +267,8 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
                                        denoise_ms=1e3 * c.run_s, encode_ms=1e3 * result.encode_s,
                                        batch_size=round(c.mean_batch))
         yield framing.header_frame(payload, request_id=ctx.request_id, model_id=self.backend.model_id,
-                                   codec_id=request.codec, timings=timings, split_step=request.split_step,
+                                   codec_id=result.work.codec_name or request.codec, choice=result.work.choice,
+                                   timings=timings, split_step=request.split_step,
                                    total_steps=request.steps, guidance_scale=request.guidance_scale,
                                    prompt=request.prompt, codec_set=self.codec_set[0],
                                    codec_set_hash=self.codec_set[1])

@@ -7,6 +7,7 @@ model needs no change to the wire, the REST schema or the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -75,6 +76,12 @@ class ChannelSpec:
         params = build_params(CHANNELS.get(model).Params, model_values, owner=f"the {model} channel")
         link = build_params(LinkParams, link_values, owner="the link").validate()
         return cls(model, params, link)
+
+    def with_digital_link(self, modulation: str, fec: str, code_rate: float | None) -> "ChannelSpec":
+        """The same link with another digital transceiver (what link adaptation chose), validated."""
+        link = dataclasses.replace(self.link, modulation=modulation, fec=fec,
+                                   code_rate=code_rate if fec == "ldpc" else None)
+        return ChannelSpec(self.model, self.params, link.validate())
 
     @property
     def block_type(self) -> type[ChannelBlock]:

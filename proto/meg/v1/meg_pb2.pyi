@@ -160,14 +160,22 @@ class StreamHeader(_message.Message):
     def __init__(self, wire_version: _Optional[str] = ..., request_id: _Optional[str] = ..., model_id: _Optional[str] = ..., codec_id: _Optional[str] = ..., codec_params: _Optional[_Mapping[str, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., payload_kind: _Optional[_Union[PayloadKind, str]] = ..., payload_bytes: _Optional[int] = ..., payload_symbols: _Optional[int] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., split_step: _Optional[int] = ..., total_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., prompt: _Optional[str] = ..., codec_set: _Optional[str] = ..., codec_set_hash: _Optional[str] = ..., choice: _Optional[_Union[CodecChoice, _Mapping]] = ...) -> None: ...
 
 class CodecChoice(_message.Message):
-    __slots__ = ("chosen", "reason", "snr_estimate_db")
+    __slots__ = ("chosen", "reason", "snr_estimate_db", "modulation", "fec", "code_rate", "expected_quality")
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SNR_ESTIMATE_DB_FIELD_NUMBER: _ClassVar[int]
+    MODULATION_FIELD_NUMBER: _ClassVar[int]
+    FEC_FIELD_NUMBER: _ClassVar[int]
+    CODE_RATE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_QUALITY_FIELD_NUMBER: _ClassVar[int]
     chosen: str
     reason: str
     snr_estimate_db: float
-    def __init__(self, chosen: _Optional[str] = ..., reason: _Optional[str] = ..., snr_estimate_db: _Optional[float] = ...) -> None: ...
+    modulation: str
+    fec: str
+    code_rate: float
+    expected_quality: float
+    def __init__(self, chosen: _Optional[str] = ..., reason: _Optional[str] = ..., snr_estimate_db: _Optional[float] = ..., modulation: _Optional[str] = ..., fec: _Optional[str] = ..., code_rate: _Optional[float] = ..., expected_quality: _Optional[float] = ...) -> None: ...
 
 class PayloadChunk(_message.Message):
     __slots__ = ("seq", "data", "symbols")

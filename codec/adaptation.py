@@ -1,0 +1,138 @@
+"""Link adaptation: the ``auto`` codec picks, per request, the scheme that maximises expected quality at the
+receiver's estimated SNR, from a table measured by ``meg bench snr``.
+
+A *scheme* is a codec plus, for digital codecs, the link's modulation, FEC and code rate (a hyperprior
+payload over LDPC QPSK r1/2 is a different scheme from the same payload over 16QAM r2/3). The table holds,
+per channel model, each scheme's measured quality (image PSNR) on an SNR grid and its channel uses per image;
+between grid points quality is interpolated linearly, outside the grid it is held at the nearest point.
+
+Why a margin: a digital scheme falls off a cliff one or two dB below its threshold, and the estimate comes
+from a few pilots and is fed back with a delay; judging digital schemes at ``estimate - margin_db`` keeps an
+estimate that is slightly optimistic from choosing a scheme that will then fail. Analog schemes degrade
+gracefully and are judged at the estimate itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from codec.base import CodecError
+
+#: The ``codec`` value that asks the edge to choose.
+AUTO = "auto"
+#: File name of the table inside a codec set folder.
+TABLE_FILE = "adaptation.json"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One candidate: codec, digital link settings (empty for analog), cost and measured quality curve."""
+
+    name: str
+    codec: str
+    kind: str                                  # "digital" or "analog"
+    symbols: float                             # channel uses per image (side information included)
+    snr_db: tuple[float, ...]
+    quality: tuple[float, ...]
+    link: dict[str, object] = field(default_factory=dict)  # modulation, fec, code_rate
+
+    def expected(self, snr_db: float) -> float:
+        return float(np.interp(snr_db, self.snr_db, self.quality))
+
+
+@dataclass(frozen=True)
+class Choice:
+    scheme: Scheme
+    expected: float
+    reason: str
+
+
+@dataclass
+class AdaptationTable:
+    """Per channel model, the schemes ``auto`` chooses among."""
+
+    metric: str
+    channels: dict[str, list[Scheme]]
+    margin_db: float = 1.0
+
+    def choose(self, channel: str, snr_estimate_db: float | None, budget_symbols: float | None = None) -> Choice:
+        """The scheme with the highest expected quality that fits ``budget_symbols`` (ties: fewer channel uses).
+
+        ``snr_estimate_db`` None means a noiseless link: every scheme is judged at its best SNR.
+        """
+        schemes = self.channels.get(channel) or self.channels.get("awgn")
+        if not schemes:
+            raise CodecError(f"codec: no adaptation table for channel {channel!r}")
+        fits = [s for s in schemes if budget_symbols is None or s.symbols <= budget_symbols]
+        if not fits:
+            cheapest = min(s.symbols for s in schemes)
+            raise CodecError(f"codec_params.budget_symbols: {budget_symbols:g} channel uses fit no scheme "
+                             f"(the cheapest needs {cheapest:g})")
+
+        def judged_at(s: Scheme) -> float:
+            if snr_estimate_db is None:
+                return max(s.snr_db)
+            return snr_estimate_db - (self.margin_db if s.kind == "digital" else 0.0)
+
+        best = max(fits, key=lambda s: (round(s.expected(judged_at(s)), 3), -s.symbols))
+        expected = best.expected(judged_at(best))
+        at = "a noiseless link" if snr_estimate_db is None else f"estimated {snr_estimate_db:.1f} dB"
+        runner_up = max((s for s in fits if s is not best), key=lambda s: s.expected(judged_at(s)), default=None)
+        versus = (f"; next best {runner_up.name} {runner_up.expected(judged_at(runner_up)):.1f}"
+                  if runner_up is not None else "")
+        margin = f" (digital judged {self.margin_db:g} dB lower)" if snr_estimate_db is not None else ""
+        return Choice(best, expected, f"{at} on {channel}{margin}: {best.name} expects {self.metric} "
+                                      f"{expected:.1f}{versus}")
+
+    def to_json(self) -> str:
+        return json.dumps({"metric": self.metric, "margin_db": self.margin_db,
+                           "channels": {ch: [asdict(s) for s in schemes] for ch, schemes in self.channels.items()}},
+                          indent=1)
+
+    @classmethod
+    def load(cls, path: Path) -> "AdaptationTable":
+        if not path.is_file():
+            raise CodecError(f"codec: 'auto' needs the adaptation table {path}; make it with `meg bench snr` "
+                             "(it writes snr_adaptation.json) and copy it into the codec set")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            channels = {ch: [Scheme(**{**s, "snr_db": tuple(s["snr_db"]), "quality": tuple(s["quality"])})
+                             for s in schemes] for ch, schemes in raw["channels"].items()}
+            return cls(str(raw["metric"]), channels, float(raw.get("margin_db", 1.0)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CodecError(f"codec: adaptation table {path} is malformed: {exc}") from exc
+
+
+#: How the SNR benchmark's scheme names map to codecs and digital link settings.
+BENCH_SCHEMES: dict[str, tuple[str, dict[str, object]]] = {
+    "raw-fp16 uncoded QPSK": ("raw-fp16", {"modulation": "qpsk", "fec": "none"}),
+    "hyperprior+LDPC QPSK r1/2": ("hyperprior", {"modulation": "qpsk", "fec": "ldpc", "code_rate": 0.5}),
+    "hyperprior+LDPC 16QAM r2/3": ("hyperprior", {"modulation": "16qam", "fec": "ldpc", "code_rate": 2 / 3}),
+    "MEG (analog)": ("analog", {}),
+    "JSCC (no merge)": ("jscc", {}),
+    "E2E-MEG": ("e2e-meg", {}),
+}
+
+
+def table_from_snr_csv(path: Path, metric: str = "psnr_db", margin_db: float = 1.0) -> AdaptationTable:
+    """Build the table from ``bench/results/snr.csv`` (one row per scheme, channel and SNR)."""
+    curves: dict[tuple[str, str], list[tuple[float, float, float, str]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["scheme"] not in BENCH_SCHEMES or not row.get(metric):
+                continue
+            curves.setdefault((row["channel"], row["scheme"]), []).append(
+                (float(row["snr_db"]), float(row[metric]), float(row["symbols_per_image"]), row["kind"]))
+    channels: dict[str, list[Scheme]] = {}
+    for (channel, name), points in sorted(curves.items()):
+        points.sort()
+        codec_name, link = BENCH_SCHEMES[name]
+        channels.setdefault(channel, []).append(Scheme(
+            name, codec_name, points[0][3], max(p[2] for p in points), tuple(p[0] for p in points),
+            tuple(p[1] for p in points), dict(link)))
+    return AdaptationTable(metric, channels, margin_db)
