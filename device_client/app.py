@@ -66,6 +66,9 @@ class DeviceConfig:
         "help": "refuse requests over height × width × steps at once (the edge enforces its own budget too)"})
     api_keys: tuple[str, ...] = field(default=(), metadata={"help": "API keys (from MEG_API_KEY)", "cli": False})
     tls_dir: Path | None = field(default=None, metadata={"help": "mutual TLS towards the channel emulator"})
+    open_api: bool = field(default=False, metadata={
+        "help": "serve without MEG_API_KEY off loopback (for a container whose port is published on loopback "
+                "only; logged loudly)"})
     llm: LlmDeviceConfig = field(default_factory=LlmDeviceConfig)
 
     @staticmethod

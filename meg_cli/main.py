@@ -283,10 +283,14 @@ def cmd_channel(args: argparse.Namespace) -> int:
 def cmd_device(args: argparse.Namespace) -> int:
     configure_logging("device", args.log_level)
     host = getattr(args, "host", field_default("device", "host"))
+    open_api = bool(getattr(args, "open_api", False))
     reason = refuse_open_api(host)
-    if reason:
+    if reason and not open_api:
         log.error("%s", reason)
         return 2
+    if reason:
+        log.warning("SERVING THE REST API WITHOUT AN API KEY ON %s (--open-api): anyone who reaches this port can "
+                    "use it; publish it on loopback only, as deploy/docker-compose.yml does", host)
     from device_client.app import DeviceConfig, create_app
     from device_client.server import run_device_server
 
@@ -296,7 +300,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    if not config.api_keys:
+    if not config.api_keys and not open_api:
         log.info("no MEG_API_KEY set: the REST API is open, listening on loopback only")
     run_device_server(create_app(config), config.host, config.port, max_connections=config.max_connections,
                       header_timeout_s=config.header_timeout_s, log_level=args.log_level)

@@ -370,6 +370,10 @@ def test_compose_stack_contract():
     for name in ("edge", "channel", "device"):
         assert services[name]["command"][-2:] == ["--tls-dir", "/certs"], name
         assert "meg-certs:/certs:ro" in services[name]["volumes"], name
+    # The device binds 0.0.0.0 inside its container: without MEG_API_KEY it starts only with --open-api, which is
+    # safe only because its port is published on the host's loopback.
+    assert "--open-api" in services["device"]["command"]
+    assert all(str(p).startswith("127.0.0.1:") for p in services["device"]["ports"]), services["device"]["ports"]
     for name, svc in services.items():
         if name == "certs":
             continue
