@@ -56,10 +56,24 @@ def main(argv: list[str] | None = None) -> int:
         speed = SpeedConfig(llm_dir, tokens=args.tokens or 32, requests=args.requests or (3 if args.quick else 10),
                             warmup=1 if args.quick else 2, rounds=1 if args.quick else 2)
         rows += run_speed(speed)
+    rows = kept_rows(Path(args.out), args.parts) + rows
     env = {"host": platform.node(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
            "minutes": (time.time() - started) / 60, "llm_dir": str(llm_dir), "prompts": prompts}
     write_outputs(Path(args.out), rows, env)
     return 0
+
+
+#: The row kinds each part writes.
+PART_ROWS = {"rate": ("rate", "outliers"), "snr": ("snr",), "speed": ("latency", "throughput")}
+
+
+def kept_rows(out: Path, parts: list[str]) -> list[dict[str, Any]]:
+    """Rows of the parts not run now, from the last report in ``out`` (so one part can be rerun alone)."""
+    previous = out / "llm.json"
+    if not previous.is_file():
+        return []
+    rerun = {kind for part in parts for kind in PART_ROWS[part]}
+    return [r for r in json.loads(previous.read_text())["rows"] if r.get("part") not in rerun]
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
@@ -130,13 +144,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    rate = [r for r in rows if r["part"] == "rate"]
+    # Digital codecs only: an analog codec's cost is channel uses, not bits (see the md's symbols_per_value).
+    rate = [r for r in rows if r["part"] == "rate" and r.get("kind") == "digital"]
     for k in sorted({r.get("split_layer") for r in rate if r.get("split_layer") is not None}):
         pts = sorted((r["bits_per_value"], r["accuracy"], r["codec"]) for r in rate if r.get("split_layer") == k)
         axes[0].scatter([p[0] for p in pts], [p[1] for p in pts], label=f"k={k}")
         for x, y, name in pts:
             axes[0].annotate(name, (x, y), fontsize=6)
-    axes[0].set(xscale="log", xlabel="bits per hidden value", ylabel="answer accuracy", title="rate")
+    axes[0].set(xscale="log", xlabel="bits per hidden value", ylabel="answer accuracy", title="rate (digital codecs)")
     snr = [r for r in rows if r["part"] == "snr"]
     for key in sorted({(r["codec"], r["channel"]) for r in snr}):
         pts = sorted((r["snr_db"], r["accuracy"]) for r in snr if (r["codec"], r["channel"]) == key)
