@@ -24,7 +24,7 @@ import torch
 
 import codec
 from codec.sets import LLM_SOURCE, codec_set_dir, codec_set_identity
-from device_client.link import DeviceLink, LinkError
+from device_client.link import DeviceLink
 from device_client.receiver import link_may_have_damaged, receive_features
 from meg.v1 import meg_pb2
 from models.llm.loader import LoadedLlm, llm_model_id, load_llm

@@ -19,7 +19,6 @@ hidden-state codec set of a split LLM, :mod:`codec.fit_hidden`) and ``meg train 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from models import components as C
-    from models.trainer import pick_device, seed_everything
+    from models.trainer import append_training_log, pick_device, seed_everything
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -235,10 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         report[key] = stage_runner(stage)(opts)
         report[key]["wall_seconds"] = time.time() - t0
         C.write_model_index(args.out)
-    log_path = args.out / "training_log.json"
-    previous = json.loads(log_path.read_text()) if log_path.exists() else {}
-    previous.update({k: {**v, "device": str(device)} for k, v in report.items()})
-    log_path.write_text(json.dumps(previous, indent=2, default=float) + "\n", encoding="utf-8")
+    append_training_log(args.out, report, device)
     return 0
 
 

@@ -6,6 +6,7 @@ periodic checkpoints; keeping it here keeps the stage modules about the model, n
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -231,3 +232,11 @@ def chunks(seq: list, size: int) -> Iterable[list]:
     """Split a list into consecutive chunks of at most ``size`` items."""
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
+
+
+def append_training_log(out: Path, report: dict[str, dict], device: object) -> None:
+    """Merge this run's per-stage ``report`` into ``out/training_log.json`` (earlier stages' entries stay)."""
+    log_path = Path(out) / "training_log.json"
+    previous = json.loads(log_path.read_text()) if log_path.exists() else {}
+    previous.update({k: {**v, "device": str(device)} for k, v in report.items()})
+    log_path.write_text(json.dumps(previous, indent=2, default=float) + "\n", encoding="utf-8")

@@ -10,7 +10,6 @@ The default output is a NEW folder (``runs/shapes_llm``, git-ignored); writing i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 from models.llm import DEFAULT_LLM_DIR
 from models.llm import stages
 from models.llm.model import LlmModelConfig
-from models.trainer import StageOptions, pick_device, seed_everything
+from models.trainer import StageOptions, append_training_log, pick_device, seed_everything
 
 logger = logging.getLogger("models.llm.train")
 
@@ -139,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     opts.lr, args.out)
         t0 = time.time()
         report[stage] = {**STAGES[stage](opts), "wall_seconds": time.time() - t0}
-    log_path = args.out / "training_log.json"
-    previous = json.loads(log_path.read_text()) if log_path.exists() else {}
-    previous.update({k: {**v, "device": str(device)} for k, v in report.items()})
-    log_path.write_text(json.dumps(previous, indent=2, default=float) + "\n", encoding="utf-8")
+    append_training_log(args.out, report, device)
     return 0
 
 
