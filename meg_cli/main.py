@@ -359,7 +359,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Before anything starts: an open REST API on a non-loopback address is refused (the device would refuse
     # too, but only after edge and channel had started listening on that address).
     reason = refuse_open_api(args.host)
-    if reason:
+    if reason and not getattr(args, "open_api", False):
         log.error("%s", reason)
         return 2
     from meg_cli.supervisor import Service, Supervisor

@@ -163,6 +163,27 @@ def test_up_refuses_an_open_api_off_loopback_before_starting_anything(monkeypatc
     assert cli.refuse_open_api("0.0.0.0") is None
 
 
+def test_device_serves_an_open_api_off_loopback_only_when_told(monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              root_logging: None) -> None:
+    """Compose's device binds 0.0.0.0 in its container and publishes the port on loopback: without a key it must
+    start with --open-api (loudly), and still refuse without it."""
+    import device_client.app
+    import device_client.server
+
+    monkeypatch.delenv("MEG_API_KEY", raising=False)
+    served: list[tuple[str, int]] = []
+    monkeypatch.setattr(device_client.app, "create_app", lambda config: config)
+    monkeypatch.setattr(device_client.server, "run_device_server",
+                        lambda app, host, port, **kwargs: served.append((host, port)))
+    parse = cli._parser().parse_args
+    assert cli.cmd_device(parse(["device", "--host", "0.0.0.0", "--port", "8123"])) == 2
+    assert served == []
+    assert cli.cmd_device(parse(["device", "--host", "0.0.0.0", "--port", "8123", "--open-api"])) == 0
+    assert served == [("0.0.0.0", 8123)]
+    assert "WITHOUT AN API KEY" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("raw", ["", "a", " a , b ,", ",,"])
 def test_api_keys_are_read_as_the_device_reads_them(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     from device_client.app import DeviceConfig
