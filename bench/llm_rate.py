@@ -39,7 +39,7 @@ import torch
 
 import codec
 from codec.base import CodecError
-from codec.hidden_sets import codec_set_dir
+from codec.sets import codec_set_dir
 from codec.registry import codec_kind
 from models.llm import DEFAULT_LLM_DIR
 

@@ -32,10 +32,8 @@ import torch
 from safetensors.torch import save_file
 
 from codec.hidden_jscc import SNR_RANGE_DB, HiddenJsccNet
-from codec.hidden_sets import (
-    CONFIG_FILE, DTUFC_FILE, DTUFC_K, FCM_BITS, FCM_FILE, JSCC_FILE, LLM_SOURCE, codec_set_dir, content_hash,
-    fcm_codes, file_sha256, nearest_centre,
-)
+from codec.hidden_sets import DTUFC_FILE, DTUFC_K, FCM_BITS, FCM_FILE, JSCC_FILE, fcm_codes, nearest_centre
+from codec.sets import CONFIG_FILE, LLM_SOURCE, codec_set_dir, content_hash, file_sha256
 from codec.transforms import kmeans_1d
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from torch import nn
 
 from codec.base import AnalogMapper, CodecError, StageContext, TensorInfo
 from codec.hidden_quant import as_rows, info_rows
-from codec.hidden_sets import JSCC_FILE, LLM_SOURCE, load_codec_set, stamp_and_check_set
+from codec.hidden_sets import JSCC_FILE, load_codec_set, stamp_and_check_set
+from codec.sets import LLM_SOURCE
 from codec.jscc import SNR_PARAM, read_snr_db
 from codec.registry import register_preset, register_terminal
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from codec.base import CodecError, SourceCoder, StageContext, TensorInfo, TensorStage
+from codec.primitives import int_param
 from codec.registry import register_preset, register_stage, register_terminal
 
 #: Largest finite float16 magnitude: scales are sent as float16.
@@ -38,16 +39,7 @@ FP16_MAX = 65504.0
 MAX_HADAMARD_DIM = 1 << 16
 
 
-def int_param(params: dict[str, str], key: str, default: int, lo: int, hi: int) -> int:
-    """An integer codec param in ``[lo, hi]``; a clear :class:`CodecError` otherwise."""
-    text = params.get(key, str(default))
-    try:
-        value = int(text)
-    except (TypeError, ValueError) as exc:
-        raise CodecError(f"codec param {key!r} must be an integer, got {text!r}") from exc
-    if not lo <= value <= hi:
-        raise CodecError(f"codec param {key!r} must be in [{lo}, {hi}], got {value}")
-    return value
+
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

@@ -35,14 +35,13 @@ from compressai.ans import RansDecoder, RansEncoder
 from safetensors.torch import load_file
 
 from codec.base import CodecError, SourceCoder, StageContext, TensorInfo
-from codec.hidden_quant import as_rows, info_rows, int_param
+from codec.hidden_quant import as_rows, info_rows
+from codec.primitives import int_param
 from codec.registry import register_preset, register_terminal
-# codec_set_dir, content_hash, file_sha256: part of this module's API (shared with the image sets in codec.sets)
-from codec.sets import LLM_SOURCE, codec_set_dir, content_hash, file_sha256  # noqa: F401
+from codec.sets import CONFIG_FILE, LLM_SOURCE, content_hash, file_sha256
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 FCM_FILE = "fcm.safetensors"
 DTUFC_FILE = "dtufc.safetensors"
 JSCC_FILE = "jscc-hidden.safetensors"

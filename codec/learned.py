@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from codec.base import CodecError, SourceCoder, StageContext, TensorInfo
+from codec.primitives import read_varint, varint
 from codec.registry import register_preset, register_terminal
 from codec.transforms import resolve_weights_file, set_param
 
@@ -287,29 +288,6 @@ def reference_reconstruction(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ payload
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    n, shift = 0, 0
-    while True:
-        if pos >= end or shift > 35:
-            raise CodecError("learned payload: malformed or truncated length field")
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, pos
-
-
 def _int_param(params: dict[str, str], key: str, default: str) -> int:
     try:
         return int(params.get(key, default))
@@ -356,7 +334,7 @@ class LearnedCoder(SourceCoder):
                 raise CodecError(f"internal: {self.kind} produced {len(strings)} streams, expected {self.n_strings}")
             for group in strings:
                 for s in group:
-                    out += _varint(len(s)) + s
+                    out += varint(len(s)) + s
         out += zlib.crc32(out).to_bytes(4, "little")
         return bytes(out)
 
@@ -378,7 +356,7 @@ class LearnedCoder(SourceCoder):
             for _ in range(self.n_strings):
                 group = []
                 for _ in range(b):
-                    n, pos = _read_varint(data, pos, end)
+                    n, pos = read_varint(data, pos, end, 35, "learned payload: malformed or truncated length field")
                     if pos + n > end:
                         raise CodecError(f"learned payload for {info.name!r} is truncated")
                     group.append(data[pos:pos + n] + bytes(4 * symbols + 16 * n + 64))

@@ -18,7 +18,6 @@ float16 sparse values``. Every byte is counted in :attr:`EncodedPayload.bits_sen
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -26,44 +25,11 @@ import torch
 
 from codec.base import CodecError, StageContext, TensorStage
 from codec.hidden_quant import FP16_MAX, as_rows
+from codec.primitives import float_param, read_varint, varint
 from codec.registry import register_preset, register_stage
 
 SIDE_KEY = "ol"
-
-
-def _float_param(params: dict[str, str], key: str, default: float, lo: float, hi: float) -> float:
-    text = params.get(key, str(default))
-    try:
-        value = float(text)
-    except (TypeError, ValueError) as exc:
-        raise CodecError(f"codec param {key!r} must be a number, got {text!r}") from exc
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise CodecError(f"codec param {key!r} must be in [{lo}, {hi}], got {text!r}")
-    return value
-
-
-def put_varint(out: bytearray, value: int) -> None:
-    """Unsigned LEB128."""
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return
-
-
-def get_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """(value, new position); raises :class:`CodecError` on a truncated or absurd varint."""
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 56:
-            raise CodecError("outlier side information is truncated or malformed")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
+MALFORMED = "outlier side information is truncated or malformed"
 
 
 def _deltas(ids: np.ndarray) -> np.ndarray:
@@ -97,20 +63,20 @@ class OutlierStage(TensorStage):
 
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
         del weights_dir
-        self.factor = _float_param(params, "ol_factor", 16.0, 1.0, 1e6)
-        self.dense = _float_param(params, "ol_dense", 0.25, 0.0, 1.0)
+        self.factor = float_param(params, "ol_factor", 16.0, 1.0, 1e6)
+        self.dense = float_param(params, "ol_dense", 0.25, 0.0, 1.0)
 
     def forward(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
         side, out, any_outlier = bytearray(), {}, False
         for name, t in tensors.items():
             rows = torch.nan_to_num(as_rows(t.float()), nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX).clone()
             dense_ids, sparse_idx = select_outliers(rows, self.factor, self.dense)
-            put_varint(side, dense_ids.size)
-            put_varint(side, sparse_idx.size)
+            side += varint(dense_ids.size)
+            side += varint(sparse_idx.size)
             for v in _deltas(dense_ids):
-                put_varint(side, int(v))
+                side += varint(int(v))
             for v in _deltas(sparse_idx):
-                put_varint(side, int(v))
+                side += varint(int(v))
             flat = rows.reshape(-1)
             side += rows[dense_ids].clamp(-FP16_MAX, FP16_MAX).half().numpy().astype("<f2").tobytes()
             side += flat[sparse_idx].clamp(-FP16_MAX, FP16_MAX).half().numpy().astype("<f2").tobytes()
@@ -130,15 +96,15 @@ class OutlierStage(TensorStage):
         for name, t in tensors.items():
             rows = as_rows(t.float()).clone()
             n_rows, d = rows.shape
-            n_dense, pos = get_varint(data, pos)
-            n_sparse, pos = get_varint(data, pos)
+            n_dense, pos = read_varint(data, pos, len(data), 56, MALFORMED)
+            n_sparse, pos = read_varint(data, pos, len(data), 56, MALFORMED)
             if n_dense > n_rows or n_sparse > rows.numel():
                 raise CodecError(f"outlier side information of {name!r} counts more entries than the tensor holds")
             ids = []
             for count, limit in ((n_dense, n_rows), (n_sparse, rows.numel())):
                 acc, got = 0, []
                 for _ in range(count):
-                    delta, pos = get_varint(data, pos)
+                    delta, pos = read_varint(data, pos, len(data), 56, MALFORMED)
                     acc += delta
                     got.append(acc)
                 if got and (acc >= limit or any(b <= a for a, b in zip(got, got[1:]))):

@@ -251,12 +251,13 @@ class LlmGeneration:
             position = 0
             while stops.finish is None:
                 down = (await self._read(call, "hidden")).hidden
-                hidden = self._decode(down, job, k, codecs)
+                hidden, bits = self._decode(down, job, k, codecs)
                 logits = await self.device.forward(DeviceForward(half, cache, hidden, position), job.request_id)
                 token = int(sample(logits[0], job.temperature, job.top_p, generator))
                 position += int(down.rows)
                 now = time.perf_counter()
-                event = self._event(len(times), token, stops.add(token), down, now - (times[-1] if times else started))
+                event = self._event(len(times), token, stops.add(token), down, bits,
+                                    now - (times[-1] if times else started))
                 times.append(now)
                 for key, value in (("bits", event.bits), ("symbols", event.symbols),
                                    ("airtime_ms", event.airtime_ms)):
@@ -295,7 +296,8 @@ class LlmGeneration:
         return message
 
     def _decode(self, down: meg_pb2.HiddenStates, job: CompletionJob, k: int, codecs: dict[tuple, codec.Codec]
-                ) -> torch.Tensor:
+                ) -> tuple[torch.Tensor, int]:
+        """The received rows, and the bits their payload cost (side information included)."""
         set_dir, mine = self.device.codec_set(k)
         if (down.header.codec_set, down.header.codec_set_hash) != mine:
             raise RequestError(Status.BAD_STREAM, f"codec set mismatch: the edge coded with "
@@ -312,15 +314,15 @@ class LlmGeneration:
             erased = [(r.start, r.end) for r in down.channel.erased]
             reception = receive_features(hidden_codec, payload, link_may_have_damaged(job.spec, payload, erased),
                                          bound=None)
+            bits = payload.bits_sent
         except (framing.StreamError, CodecError) as exc:
             raise RequestError(Status.BAD_STREAM, f"device could not decode the hidden states: {exc}",
                                label="decode_failed") from exc
-        return reception.tensors["hidden"]
+        return reception.tensors["hidden"], bits
 
     @staticmethod
-    def _event(index: int, token: int, text: str, down: meg_pb2.HiddenStates, latency_s: float) -> TokenEvent:
-        header = down.header
-        bits = 8 * int(header.payload_bytes) + side_info_bits(dict(header.codec_params))
+    def _event(index: int, token: int, text: str, down: meg_pb2.HiddenStates, bits: int, latency_s: float
+               ) -> TokenEvent:
         symbols = int(down.channel.symbols + down.channel.side_info_symbols + down.uplink.symbols)
         return TokenEvent(index, token, text, bits, symbols, down.channel.airtime_ms + down.uplink.airtime_ms,
                           1e3 * latency_s)
@@ -338,8 +340,3 @@ class LlmGeneration:
                "split_layer": k, "codec": job.codec, "channel": job.spec.to_mapping()}
         return CompletionSummary(stops.finish or "stop", len(job.prompt_ids), len(times), stops.text, meg)
 
-
-def side_info_bits(params: dict[str, str]) -> int:
-    """Bits of the per-message side information a codec put in the header (base64 in ``side_info``)."""
-    raw = params.get("side_info", "")
-    return 8 * (len(raw) * 3 // 4 - raw.count("=")) if raw else 0

@@ -255,7 +255,7 @@ class LlmSessionApi:
         params = dict(request.codec_params)
         try:
             check_request_params(request.codec, params)
-            if request.HasField("csi") and request.csi.snr_estimate_db:
+            if request.HasField("csi"):  # the emulator's estimate (0 dB is an estimate too)
                 params.setdefault("channel_snr_db", f"{request.csi.snr_estimate_db:g}")
             return codec.build_codec(request.codec, params, codec_set_dir(self.llm.path, k))
         except (CodecError, ValueError) as exc:

@@ -15,7 +15,7 @@ import torch
 import codec
 from codec.base import CodecError, EncodedPayload
 from codec.hidden_quant import fwht, hadamard_signs
-from codec.hidden_sets import codec_set_dir
+from codec.sets import codec_set_dir
 from codec.registry import codec_kind, list_codecs
 from models.llm import DEFAULT_LLM_DIR
 
