@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, str] = {
     "soak": "a bounded soak of `meg up` with injected faults: lost requests, recovery times, RSS growth",
     "link": "per-request LDPC time in the channel emulator, chain built per request vs reused",
     "llm": "split LLM: accuracy/agreement/PSNR vs bits per hidden value, accuracy vs SNR, TTFT/TPOT and tokens/s",
+    "universal": "one learned coder across feature sources (image latents, LLM hidden states): per-source vs "
+                 "mixed training, with and without DT-UFC, cross-source transfer",
 }
 
 
@@ -146,7 +148,25 @@ def _llm() -> argparse.ArgumentParser:
     return p
 
 
-_PARSERS = {"snr": _snr, "rate": _rate, "serve": _serve, "overhead": _overhead, "soak": _soak, "link": _link, "llm": _llm}
+def _universal() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meg bench universal", description=BENCHMARKS["universal"])
+    p.add_argument("--steps", type=int, default=None, help="training steps per coder (default 4000; --quick 30)")
+    p.add_argument("--jobs", type=int, default=2, help="training processes (one thread each)")
+    p.add_argument("--prompts", type=int, default=None, help="held-out LLM prompts (default 200; --quick 8)")
+    p.add_argument("--n-images", type=int, default=None, help="held-out image latents (default 128; --quick 8)")
+    p.add_argument("--coders", nargs="+", default=None,
+                   help="only these coders, named <domain>@<trained on> (e.g. fcm@image dtufc@mixed)")
+    p.add_argument("--retrain", action="store_true", help="retrain cached coders")
+    p.add_argument("--cache-dir", type=Path, default=None, help="trained coders (default ~/.cache/meg/universal)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild universal.md/.png from universal.json in --out (no training, no evaluation)")
+    p.add_argument("--no-progress", action="store_true")
+    _out(p)
+    p.add_argument("--quick", action="store_true", help="a smoke run: 30 steps, few prompts and images")
+    return p
+
+
+_PARSERS = {"universal": _universal, "snr": _snr, "rate": _rate, "serve": _serve, "overhead": _overhead, "soak": _soak, "link": _link, "llm": _llm}
 
 
 def build_parser(which: str) -> argparse.ArgumentParser:

@@ -149,10 +149,25 @@ def _prompts(n: int) -> list[object]:
 
 def accuracy(llm: object, k: int, prompts: Sequence[object], transfer: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """Greedy held-out answer accuracy with hidden states passed through ``transfer`` at every call."""
-    from models.llm.tasks import answer_accuracy, split_generate_fn
+    right = answers_right(llm, k, prompts, transfer)
+    return sum(right) / len(right)
+
+
+def answers_right(llm: object, k: int, prompts: Sequence[object], transfer: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> list[bool]:
+    """Per prompt: is the greedy answer right, with hidden states through ``transfer`` (for paired statistics)."""
+    from models.llm.tasks import is_correct, split_generate_fn
 
     gen = split_generate_fn(llm.model, llm.tokenizer, k, transfer, MAX_NEW_TOKENS)  # type: ignore[attr-defined]
-    return answer_accuracy(gen, prompts).overall
+    return [is_correct(gen(q.prompt), q.answer) for q in prompts]  # type: ignore[attr-defined]
+
+
+def paired_ci(base: Sequence[bool], test: Sequence[bool], n_boot: int = 2000, seed: int = 0
+              ) -> tuple[float, float, float]:
+    """Accuracy difference test − base in points over the same prompts, with a paired bootstrap 95 % interval."""
+    d = np.asarray(test, float) - np.asarray(base, float)
+    boots = d[np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    return float(d.mean() * 100), float(np.percentile(boots, 2.5) * 100), float(np.percentile(boots, 97.5) * 100)
 
 
 @torch.no_grad()
@@ -198,7 +213,8 @@ def run_rate(model_dir: str | Path = DEFAULT_LLM_DIR, split_layers: Sequence[int
     for k in split_layers:
         clean, ref = _clean_states(llm, k, texts)
         peak = max(float(h.abs().max()) for h in clean)
-        base_acc = accuracy(llm, k, prompts, lambda h: h)
+        base_right = answers_right(llm, k, prompts, lambda h: h)
+        base_acc = sum(base_right) / len(base_right)
         rows.append({"split_layer": k, "codec": "uncoded", "kind": "-", "accuracy": base_acc, "agreement": 1.0,
                      "psnr_db": math.inf, "peak_abs": peak, "bits_per_value": 32.0, "symbols_per_value": 0.0,
                      "prompts": len(prompts)})
@@ -207,13 +223,15 @@ def run_rate(model_dir: str | Path = DEFAULT_LLM_DIR, split_layers: Sequence[int
             tf = CodecLink(spec, codec_set_dir(model_dir, k))
             agreement, mse = teacher_forced(llm, k, texts, tf, clean, ref)
             gen = CodecLink(spec, codec_set_dir(model_dir, k))
-            acc = accuracy(llm, k, prompts, gen)
+            right = answers_right(llm, k, prompts, gen)
+            acc = sum(right) / len(right)
+            diff, lo, hi = paired_ci(base_right, right)
             t = gen.traffic
             rows.append({
                 "split_layer": k, "codec": spec, "kind": codec_kind(gen.name), "accuracy": acc,
                 "agreement": agreement, "psnr_db": 10 * math.log10(peak ** 2 / mse) if mse > 0 else math.inf,
                 "peak_abs": peak, "bits_per_value": t.bits / t.values, "symbols_per_value": t.symbols / t.values,
-                "prompts": len(prompts),
+                "prompts": len(prompts), "acc_diff_points": diff, "acc_diff_ci_low": lo, "acc_diff_ci_high": hi,
             })
             logger.info("k=%d %-26s acc %.3f agree %.4f psnr %.1f dB %.3f bits/value (%.1f s)", k, spec, acc,
                         agreement, rows[-1]["psnr_db"], rows[-1]["bits_per_value"], time.time() - start)
@@ -352,6 +370,13 @@ def summary(rate: Sequence[dict[str, object]]) -> list[str]:
             bits, acc = float(best["bits_per_value"]), float(best["accuracy"])  # type: ignore[arg-type]
             parts.append(f"cheapest digital codec within 2 points: {best['codec']} at {bits:.3f} bits/value "
                          f"(accuracy {acc:.3f})")
+        within1 = [r for r in sub.values() if r["kind"] == "digital" and "acc_diff_points" in r
+                   and float(r["acc_diff_points"]) >= -1.0]  # type: ignore[arg-type]
+        best1 = min(within1, key=lambda r: float(r["bits_per_value"]), default=None)  # type: ignore[arg-type]
+        if best1 is not None:
+            parts.append(f"lowest rate within 1 point: {best1['codec']} at {float(best1['bits_per_value']):.3f} "
+                         f"bits/value, {float(best1['acc_diff_points']):+.1f} points (paired 95 % interval "
+                         f"[{float(best1['acc_diff_ci_low']):+.1f}, {float(best1['acc_diff_ci_high']):+.1f}])")
         lines.append("; ".join(parts))
     return lines
 

@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: (codec preset, coder family, transform) rows of the benchmark.
 CURVES: tuple[tuple[str, str, str], ...] = (
-    ("factorized", "factorized", "identity"), ("dtufc+factorized", "factorized", "dtufc"),
-    ("hyperprior", "hyperprior", "identity"), ("dtufc+hyperprior", "hyperprior", "dtufc"),
-    ("fcm+hyperprior", "hyperprior", "fcm"),
-    ("mshyperprior", "mshyperprior", "identity"), ("dtufc+mshyperprior", "mshyperprior", "dtufc"),
-    ("elic", "elic", "identity"), ("dtufc+elic", "elic", "dtufc"),
+    ("factorized", "factorized", "identity"), ("hyperprior", "hyperprior", "identity"),
+    ("mshyperprior", "mshyperprior", "identity"), ("elic", "elic", "identity"),
+    ("gained-native", "gained-native", "identity"),
+    ("gained", "gained", "identity"), ("fcm+gained", "gained", "fcm"), ("dtufc+gained", "gained", "dtufc"),
+    ("dtufc-clip+gained", "gained", "dtufc-clip"), ("dtufc-pwl+gained", "gained", "dtufc-pwl"),
 )
 QUALITIES: tuple[int, ...] = (1, 2, 3, 4)
 
@@ -168,22 +168,25 @@ def measure_curve(preset: str, family: str, transform: str, latents: torch.Tenso
 
 
 def _bd_table(points: list[RatePoint]) -> list[dict[str, Any]]:
-    by = {}
+    """BD-rates of the transforms behind the variable-rate coder, and of coder against coder (no transform)."""
+    by: dict[tuple[str, str], list[RatePoint]] = {}
     for p in points:
         by.setdefault((p.family, p.transform), []).append(p)
+    # (test family, test transform, reference family, reference transform)
+    comparisons = [("gained", t, "gained", "identity") for t in ("fcm", "dtufc", "dtufc-clip", "dtufc-pwl")]
+    comparisons += [("gained", t, "gained", "fcm") for t in ("dtufc", "dtufc-clip", "dtufc-pwl")]
+    comparisons += [("gained", "identity", "mshyperprior", "identity"),  # capacity: N=64/M=96 vs 32/16
+                    ("gained-native", "identity", "gained", "identity")]  # the latent's channels vs one plane
     rows = []
-    comparisons = [(f, "dtufc", "identity") for f in ("factorized", "hyperprior", "mshyperprior", "elic")]
-    comparisons += [("hyperprior", "fcm", "identity"), ("hyperprior", "dtufc", "fcm")]
-    for family, test, ref in comparisons:
-        if (family, test) not in by or (family, ref) not in by:
+    for fam, test, ref_fam, ref in comparisons:
+        if (fam, test) not in by or (ref_fam, ref) not in by:
             continue
-        a, b = by[(family, ref)], by[(family, test)]
-        row = {"family": family, "test": test, "reference": ref,
-               "bd_rate_feature_psnr_pct": bd_rate([p.bpfp for p in a], [p.feature_psnr for p in a],
-                                                   [p.bpfp for p in b], [p.feature_psnr for p in b])}
-        row["bd_rate_image_psnr_pct"] = bd_rate([p.bpfp for p in a], [p.image_psnr for p in a],
-                                                [p.bpfp for p in b], [p.image_psnr for p in b])
-        rows.append(row)
+        a, b = by[(ref_fam, ref)], by[(fam, test)]
+        rows.append({"family": fam, "test": test, "reference": ref if ref_fam == fam else f"{ref_fam} {ref}",
+                     "bd_rate_feature_psnr_pct": bd_rate([p.bpfp for p in a], [p.feature_psnr for p in a],
+                                                         [p.bpfp for p in b], [p.feature_psnr for p in b]),
+                     "bd_rate_image_psnr_pct": bd_rate([p.bpfp for p in a], [p.image_psnr for p in a],
+                                                       [p.bpfp for p in b], [p.image_psnr for p in b])})
     return rows
 
 
@@ -195,14 +198,17 @@ def _plot(points: list[RatePoint], path: Path, with_images: bool) -> None:
 
     ncols = 2 if with_images else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.8), squeeze=False)
-    styles = {"identity": "-", "dtufc": "--", "fcm": ":"}
-    colors = {"factorized": "C0", "hyperprior": "C1", "mshyperprior": "C2", "elic": "C3"}
+    styles = {"identity": "-", "dtufc": "--", "fcm": ":", "dtufc-clip": "-.", "dtufc-pwl": (0, (5, 1, 1, 1, 1, 1))}
+    colors = {"factorized": "C0", "hyperprior": "C1", "mshyperprior": "C2", "elic": "C3", "gained-native": "k"}
+    transform_colors = {"identity": "C4", "fcm": "C5", "dtufc": "C6", "dtufc-clip": "C7", "dtufc-pwl": "C8"}
     curves = {}
     for p in points:
         curves.setdefault(p.codec, []).append(p)
     for name, pts in curves.items():
         pts = sorted(pts, key=lambda p: p.bpfp)
-        kw = dict(ls=styles[pts[0].transform], color=colors[pts[0].family], marker="o", ms=3, label=name)
+        # The compact families are told apart by colour; the variable-rate coder's transforms by colour and line.
+        color = colors.get(pts[0].family) or transform_colors.get(pts[0].transform, "k")
+        kw = dict(ls=styles.get(pts[0].transform, "-"), color=color, marker="o", ms=3, label=name)
         axes[0][0].plot([p.bpfp for p in pts], [p.feature_psnr for p in pts], **kw)
         if with_images:
             axes[0][1].plot([p.bpfp for p in pts], [p.image_psnr for p in pts], **kw)

@@ -62,7 +62,21 @@ SMOKE_IMAGES = 6
 CHANNELS = ("awgn", "rayleigh")
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001)  # the first three standard MS-SSIM weights (renormalised by us)
 CSV_COLUMNS = ("scheme", "kind", "channel", "snr_db", "n_images", "symbols_per_image", "bits_per_image",
-               "psnr_db", "psnr_std_db", "ms_ssim", "accuracy", "fd", "erased_fraction")
+               "side_symbols_per_image", "channel_uses_per_image", "psnr_db", "psnr_ci_low", "psnr_ci_high",
+               "psnr_std_db", "ms_ssim", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "fd", "erased_fraction",
+               "config")
+#: How counted side information (analog gains, merge maps) crosses the link: a protected digital block at
+#: QPSK with a rate-1/2 LDPC code, i.e. one information bit per complex channel use (CRC and padding aside).
+SIDE_INFO_BITS_PER_SYMBOL = 1.0
+SIDE_INFO_MCS = "QPSK + LDPC r1/2"
+BOOTSTRAP_RESAMPLES = 2000
+#: The digital envelope: every quality of this coder x modulation x LDPC rate that fits a budget.
+ENVELOPE_CODER = "gained-native"
+ENVELOPE_QUALITIES = (1, 2, 3, 4)
+ENVELOPE_MODULATIONS = ("qpsk", "16qam", "64qam")
+ENVELOPE_RATES = ("1/2", "3/4")
+#: Channel-use budgets per image, in channel uses per latent value: E2E-MEG's own (0.25) and twice it.
+BUDGET_USES_PER_VALUE = (0.25, 0.5)
 #: the paper's FID curve (REFERENCES.md), SNR −20…20 dB in 5 dB steps
 PAPER_FID = {"MEG-DT": (197.7, 187.5, 41.4, 3.5, 5.9, 4.0, 2.6, 1.8, 1.5),
              "E2E-MEG-DT": (176.5, 147.1, 6.2, 6.2, 7.3, 6.0, 5.1, 4.7, 4.8)}
@@ -90,6 +104,7 @@ class Scheme:
     code_rate: str = "1/2"
     params: dict[str, str] = field(default_factory=dict)
     batched: bool = False  # code all images as one batch (JSCC: per-image normalisation makes it equivalent)
+    envelope: bool = False  # a configuration of the digital envelope (reported through the envelope rows)
 
     @property
     def kind(self) -> str:
@@ -153,7 +168,8 @@ def available_schemes(family: Family, with_jscc_full: bool = True) -> list[Schem
     from codec.jscc import JsccNet
     from codec.transforms import resolve_weights_file
 
-    for name, model, label in (("jscc", "jscc_full", "JSCC (no merge)"), ("e2e-meg", "jscc_e2e", "E2E-MEG")):
+    for name, model, label in (("jscc", "jscc_full", "JSCC (no merge)"), ("e2e-meg", "jscc_e2e", "E2E-MEG"),
+                               ("e2e-meg-fixed", "jscc_e2e_fixed", "E2E-MEG (fixed merge map)")):
         if name == "jscc" and not with_jscc_full:
             continue
         try:
@@ -165,6 +181,55 @@ def available_schemes(family: Family, with_jscc_full: bool = True) -> list[Schem
         schemes.append(Scheme(label, name, decoder if decoder in family.decoders else robust, "analog",
                               batched=True))
     return schemes
+
+
+def budgets_for(latents: torch.Tensor) -> tuple[int, ...]:
+    """The stated channel-use budgets per image for latents of this size."""
+    values = int(latents[0].numel())
+    return tuple(int(round(f * values)) for f in BUDGET_USES_PER_VALUE)
+
+
+def envelope_schemes(family: Family, latents: torch.Tensor, max_uses: int) -> list[Scheme]:
+    """Every (quality, modulation, LDPC rate) of :data:`ENVELOPE_CODER` whose mean channel uses per image fit
+    ``max_uses`` (the largest budget); payload sizes are those of these very latents."""
+    from radio.digital import DigitalChain, DigitalChainConfig
+
+    weights = image_set_dir(family.root)
+    try:
+        coders = {q: codec.build_codec(ENVELOPE_CODER, {"learned_quality": str(q)}, weights) for q in ENVELOPE_QUALITIES}
+    except CodecError as exc:
+        logger.warning("no digital envelope: %s", exc)
+        return []
+    out = []
+    for q, c in coders.items():
+        sizes = [len(c.encode({"latents": lat[None]}).data) for lat in latents]
+        for mod in ENVELOPE_MODULATIONS:
+            for rate in ENVELOPE_RATES:
+                chain = DigitalChain(DigitalChainConfig(modulation=mod, code_rate=rate))
+                uses = float(np.mean([chain.symbols_for(n) for n in sizes]))
+                if uses <= max_uses:
+                    out.append(Scheme(f"{ENVELOPE_CODER} q{q}+LDPC {mod.upper()} r{rate}", ENVELOPE_CODER,
+                                      "tiny_decoder", "ldpc", mod, rate, params={"learned_quality": str(q)},
+                                      envelope=True))
+    return out
+
+
+def envelope_rows(rows: list[dict[str, object]], budgets: tuple[int, ...]) -> list[dict[str, object]]:
+    """Per budget, channel and SNR, the best configuration of the digital envelope that fits (by PSNR), as a
+    row named ``digital envelope ≤B uses`` carrying that configuration's metrics and name (``config``)."""
+    members = [r for r in rows if r.get("_envelope")]
+    out: list[dict[str, object]] = []
+    for budget in budgets:
+        cells: dict[tuple[str, float], dict[str, object]] = {}
+        for r in members:
+            if float(r["channel_uses_per_image"]) > budget:  # type: ignore[arg-type]
+                continue
+            key = (str(r["channel"]), float(r["snr_db"]))  # type: ignore[arg-type]
+            if key not in cells or float(r["psnr_db"]) > float(cells[key]["psnr_db"]):  # type: ignore[arg-type]
+                cells[key] = r
+        for r in cells.values():
+            out.append({**r, "scheme": f"digital envelope ≤{budget} uses", "config": r["scheme"], "_envelope": False})
+    return out
 
 
 def _entropy_coder(weights: Path) -> str:
@@ -342,13 +407,34 @@ def score(family: Family, held: HeldOut, images: torch.Tensor, ref: ReferenceSta
     scaled = images * 2.0 - 1.0
     preds = family.classifier.predict(scaled)
     idx = torch.tensor([(SHAPES.index(s), COLORS.index(c), BACKGROUNDS.index(b)) for c, s, b in preds])
-    acc = float((idx == held.labels).all(dim=1).float().mean())
+    right = (idx == held.labels).all(dim=1).float()
+    acc = float(right.mean())
+    psnr_lo, psnr_hi = bootstrap_ci(p.numpy())
+    acc_lo, acc_hi = bootstrap_ci(right.numpy())
     fd = float("nan")
     if images.shape[0] > 1:
         ref = ref or ReferenceStats.of(family.classifier.embed(held.reference * 2.0 - 1.0).double().numpy())
         fd = ref.frechet(family.classifier.embed(scaled).double().numpy())
     return {"psnr_db": float(p.mean()), "psnr_std_db": float(p.std()) if p.numel() > 1 else 0.0,
-            "ms_ssim": float(ms_ssim_64(images, held.reference).mean()), "accuracy": acc, "fd": float(fd)}
+            "psnr_ci_low": psnr_lo, "psnr_ci_high": psnr_hi, "ms_ssim": float(ms_ssim_64(images, held.reference).mean()),
+            "accuracy": acc, "accuracy_ci_low": acc_lo, "accuracy_ci_high": acc_hi, "fd": float(fd),
+            "_psnr": p.numpy()}
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the mean over images (NaN-free; one image: a point)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return float(v.mean()), float(v.mean())
+    means = v[np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float, float]:
+    """Mean of b − a over the same images (same noise), with its paired 95 % bootstrap interval."""
+    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    lo, hi = bootstrap_ci(d, resamples)
+    return float(d.mean()), lo, hi
 
 
 def run_grid(family: Family, held: HeldOut, schemes: list[Scheme], channels: tuple[str, ...],
@@ -364,12 +450,19 @@ def run_grid(family: Family, held: HeldOut, schemes: list[Scheme], channels: tup
         tx = Transmitter(scheme, held.latents, weights=image_set_dir(family.root))
         for ci, channel_name in enumerate(channels):
             for ni, snr in enumerate(snrs):
-                cell = tx.send_all(channel_name, snr, cell_generator(seed, si, ci, ni))
+                # One random stream per (channel, SNR), shared by every scheme: schemes of the same length see the
+                # same noise on the same images, so their differences are paired.
+                cell = tx.send_all(channel_name, snr, cell_generator(seed, ci, ni))
                 images = decode_latents(family.decoders[scheme.decoder], cell.latents)
+                symbols, bits = float(np.mean(cell.symbols)), float(np.mean(cell.bits))
+                # Analog schemes' bits are their side information (gain, merge map): it crosses the link as a
+                # protected digital block, so it costs channel uses too. Digital payloads carry their own.
+                side = bits / SIDE_INFO_BITS_PER_SYMBOL if scheme.kind == "analog" else 0.0
                 rows.append({"scheme": scheme.name, "kind": scheme.kind, "channel": channel_name, "snr_db": snr,
-                             "n_images": len(cell.latents), "symbols_per_image": float(np.mean(cell.symbols)),
-                             "bits_per_image": float(np.mean(cell.bits)), **score(family, held, images, ref),
-                             "erased_fraction": float(np.mean(cell.erased))})
+                             "n_images": len(cell.latents), "symbols_per_image": symbols, "bits_per_image": bits,
+                             "side_symbols_per_image": side, "channel_uses_per_image": symbols + side,
+                             **score(family, held, images, ref), "erased_fraction": float(np.mean(cell.erased)),
+                             "config": scheme.name, "_envelope": scheme.envelope})
                 bar.update()
     bar.close()
     return rows
@@ -408,7 +501,11 @@ def plot(rows: list[dict[str, object]], channels: tuple[str, ...], path: Path) -
             style = "-o" if pts[0]["kind"] == "analog" else "--s"
             x = [float(r["snr_db"]) for r in pts]
             for mi, (key, _, _) in enumerate(PLOT_METRICS):
-                axes[mi][ci].plot(x, [float(r[key]) for r in pts], style, label=name, ms=4)
+                line, = axes[mi][ci].plot(x, [float(r[key]) for r in pts], style, label=name, ms=4)
+                if f"{key}_ci_low" in pts[0]:  # 95 % bootstrap band over images
+                    axes[mi][ci].fill_between(x, [float(r[f"{key}_ci_low"]) for r in pts],
+                                              [float(r[f"{key}_ci_high"]) for r in pts], color=line.get_color(),
+                                              alpha=0.15, lw=0)
         for mi, (key, title, ylabel) in enumerate(PLOT_METRICS):
             ax = axes[mi][ci]
             ax.set_title(f"{ch.upper()}: {title}")
@@ -518,7 +615,7 @@ def write_markdown(rows: list[dict[str, object]], meta: dict[str, object], chann
              "column in the CSV). Analog schemes: the same channel models, SNR relative to the measured power.", ""]
     for ch in channels:
         lines += [f"## {ch.upper()}: PSNR (dB) / MS-SSIM / accuracy / FD", "",
-                  "| scheme | symbols/img | bits/img | " + " | ".join(f"{s:g} dB" for s in snrs) + " |",
+                  "| scheme | channel uses/img (side info) | bits/img | " + " | ".join(f"{s:g} dB" for s in snrs) + " |",
                   "|---|---:|---:|" + "---:|" * len(snrs)]
         for name in schemes:
             cells, first = [], None
@@ -531,20 +628,121 @@ def write_markdown(rows: list[dict[str, object]], meta: dict[str, object], chann
                 cells.append(f"{float(r['psnr_db']):.1f} / {float(r['ms_ssim']):.2f} / {float(r['accuracy']):.2f} / "
                              f"{float(r['fd']):.0f}")
             if first is not None:
-                lines.append(f"| {name} | {float(first['symbols_per_image']):.0f} | {float(first['bits_per_image']):.0f} | "
-                             + " | ".join(cells) + " |")
+                uses = f"{float(first['channel_uses_per_image']):.0f} ({float(first['side_symbols_per_image']):.0f})"
+                lines.append(f"| {name} | {uses} | {float(first['bits_per_image']):.0f} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += [f"95 % bootstrap intervals over the {meta['n_images']} images, PSNR (dB) and accuracy:", "",
+                  "| scheme | " + " | ".join(f"{s:g} dB" for s in snrs) + " |", "|---|" + "---:|" * len(snrs)]
+        for name in schemes:
+            cells = []
+            for s in snrs:
+                r = _lookup(rows, name, ch, s)
+                cells.append("–" if r is None else
+                             f"[{float(r['psnr_ci_low']):.1f}, {float(r['psnr_ci_high']):.1f}] / "
+                             f"[{float(r['accuracy_ci_low']):.2f}, {float(r['accuracy_ci_high']):.2f}]")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += envelope_section(rows, channels, snrs)
+    lines += merge_map_section(rows, channels, snrs)
+    lines += training_ranges(schemes, snrs)
     lines += ["## Findings (computed from the table)", "", *findings(rows, channels, snrs), "",
               "The paper (REFERENCES.md) reports FID on SDXL images: MEG-DT "
-              f"{PAPER_FID['MEG-DT']}, E2E-MEG-DT {PAPER_FID['E2E-MEG-DT']} at −20…20 dB. Symbols/img counts "
-              "complex channel uses; analog bits/img is the counted side information (gain, merge map).", ""]
+              f"{PAPER_FID['MEG-DT']}, E2E-MEG-DT {PAPER_FID['E2E-MEG-DT']} at −20…20 dB. Channel uses/img counts "
+              "complex channel uses, side information included: an analog scheme's bits/img is its per-image side "
+              f"information (gain, merge map), sent as a protected digital block at {SIDE_INFO_MCS} "
+              f"({SIDE_INFO_BITS_PER_SYMBOL:g} bit per channel use), in brackets. Per-session configuration (codec "
+              "name, codec set, quality, merge ratio) and request metadata (prompt, ids, timings) are control "
+              "plane and not counted. Every scheme sees the same noise stream per (channel, SNR), so differences "
+              "between schemes of equal length are paired.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def envelope_section(rows: list[dict[str, object]], channels: tuple[str, ...], snrs: tuple[float, ...]) -> list[str]:
+    """Which configuration the digital envelope picked in every cell."""
+    names = [n for n in dict.fromkeys(str(r["scheme"]) for r in rows) if n.startswith("digital envelope")]
+    if not names:
+        return []
+    out = ["## Digital envelope", "",
+           f"At each SNR and budget, the best (by mean PSNR) of {ENVELOPE_CODER} qualities "
+           f"{', '.join(map(str, ENVELOPE_QUALITIES))} × {', '.join(m.upper() for m in ENVELOPE_MODULATIONS)} × LDPC "
+           f"rates {', '.join(ENVELOPE_RATES)} whose channel uses fit the budget, each simulated on the same images "
+           "(every configuration's row is in snr.csv). Budgets: E2E-MEG's channel uses and twice them. "
+           "Configuration chosen:", "",
+           "| channel | envelope | " + " | ".join(f"{s:g} dB" for s in snrs) + " |", "|---|---|" + "---|" * len(snrs)]
+    for ch in channels:
+        for name in names:
+            cells = []
+            for s in snrs:
+                r = _lookup(rows, name, ch, s)
+                cells.append("–" if r is None else str(r["config"]).replace(f"{ENVELOPE_CODER} ", "").replace("+LDPC", ""))
+            out.append(f"| {ch} | {name} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def training_ranges(schemes: list[str], snrs: tuple[float, ...]) -> list[str]:
+    """Which learned parts were trained over which SNRs, and the table's cells outside that range."""
+    from codec.jscc import JsccNet
+    from codec.transforms import resolve_weights_file
+    from models.stages.decoder import SNR_RANGE_DB as ROBUST_RANGE
+
+    weights = image_set_dir(DEFAULT_MODEL_DIR)
+    parts = [("MEG (analog)", "robust decoder", tuple(ROBUST_RANGE))]
+    for label, model in (("JSCC (no merge)", "full"), ("E2E-MEG", "e2e"), ("E2E-MEG (fixed merge map)", "e2e_fixed")):
+        try:
+            cfg = JsccNet.load(resolve_weights_file(model, "jscc_", ".safetensors", weights)).config
+        except CodecError:
+            continue
+        parts.append((label, f"jscc_{model} link", tuple(cfg.get("snr_range_db", (float("nan"),) * 2))))
+    out = ["## Training SNR ranges", ""]
+    for label, what, (lo, hi) in parts:
+        if label not in schemes:
+            continue
+        outside = [s for s in snrs if not lo <= s <= hi]
+        out.append(f"- {label}: {what} trained over {lo:g}…{hi:g} dB"
+                   + (f"; its cells at {', '.join(f'{s:g}' for s in outside)} dB are outside that range." if outside
+                      else "; every cell is inside it."))
+    return out + [""]
+
+
+def merge_map_section(rows: list[dict[str, object]], channels: tuple[str, ...], snrs: tuple[float, ...]
+                      ) -> list[str]:
+    """E2E-MEG's side information: what each merge map costs, and what the free (fixed) map loses, paired."""
+    from codec.merging import MAP_MODES, plan_merge
+
+    e2e = next((r for r in rows if r["scheme"] == "E2E-MEG"), None)
+    if e2e is None:
+        return []
+    uses = float(e2e["symbols_per_image"])
+    out = ["## E2E-MEG side information: merge maps", "",
+           f"Cost per 16×16 latent at merge ratio 0.5, against E2E-MEG's {uses:.0f} analog channel uses (side "
+           f"information at {SIDE_INFO_MCS}):", "",
+           "| merge map | bits/img | channel uses/img | share of E2E-MEG's channel uses |", "|---|---:|---:|---:|"]
+    for mode in MAP_MODES:
+        bits = plan_merge(256, 0.5, mode).side_bits
+        sym = bits / SIDE_INFO_BITS_PER_SYMBOL
+        out.append(f"| {mode} | {bits} | {sym:.0f} | {100 * sym / (uses + sym):.0f} % |")
+    fixed = [r for r in rows if r["scheme"] == "E2E-MEG (fixed merge map)"]
+    if fixed:
+        out += ["", "PSNR of E2E-MEG with the fixed map (its own trained link, nothing sent) minus E2E-MEG with the "
+                "global map (its bits not counted here), paired over the same images and noise, dB [95 % interval]:",
+                "", "| channel | " + " | ".join(f"{s:g} dB" for s in snrs) + " |", "|---|" + "---:|" * len(snrs)]
+        for ch in channels:
+            cells = []
+            for s in snrs:
+                a, b = _lookup(rows, "E2E-MEG", ch, s), _lookup(rows, "E2E-MEG (fixed merge map)", ch, s)
+                if a is None or b is None:
+                    cells.append("–")
+                    continue
+                d, lo, hi = paired_difference(a["_psnr"], b["_psnr"])  # type: ignore[arg-type]
+                cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+            out.append(f"| {ch} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def run(quick: bool, out_dir: Path, *, n_images: int | None = None, snrs: tuple[float, ...] | None = None,
         channels: tuple[str, ...] = CHANNELS, schemes: list[str] | None = None, source: str | None = None,
         model_root: Path | None = None, seed: int = 0, progress: bool = True,
-        command: str = "meg bench snr", mode: str | None = None) -> dict[str, object]:
+        command: str = "meg bench snr", mode: str | None = None, envelope: bool = True) -> dict[str, object]:
     """Run the benchmark and write ``snr.csv``, ``snr.png`` and ``snr.md`` under ``out_dir``.
 
     Quick: 54 latents (one per label combination), −5…20 dB. Full: 216 latents, −20…20 dB. ``schemes``
@@ -564,12 +762,16 @@ def run(quick: bool, out_dir: Path, *, n_images: int | None = None, snrs: tuple[
     chosen = available_schemes(family)
     if schemes is not None:
         chosen = [s for s in chosen if any(s.name.startswith(p) or s.codec_name == p for p in schemes)]
+    budgets = budgets_for(held.latents)
+    if envelope:
+        chosen += envelope_schemes(family, held.latents, max(budgets))
     logger.info("bench snr: %d latents, schemes %s, SNRs %s", n, [s.name for s in chosen], snr_list)
     rows = run_grid(family, held, chosen, channels, snr_list, seed, progress)
+    rows += envelope_rows(rows, budgets)
     clean = score(family, held, held.reference)
     tiny = score(family, held, decode_latents(family.decoders["tiny_decoder"], held.latents)) \
         if "tiny_decoder" in family.decoders else {"psnr_db": float("nan")}
-    meta = {"n_images": n, "source": held.source, "model": root.name, "seed": seed,
+    meta = {"n_images": n, "source": held.source, "model": root.name, "seed": seed, "budgets": budgets,
             "seconds": time.monotonic() - t0, "clean_accuracy": clean["accuracy"],
             "tiny_ceiling_psnr": tiny["psnr_db"], "quick": quick, "command": command,
             "mode": mode or ("quick" if quick else "full")}
@@ -579,8 +781,9 @@ def run(quick: bool, out_dir: Path, *, n_images: int | None = None, snrs: tuple[
     write_csv(rows, paths["csv"])
     # The link-adaptation table of codec "auto" (copy it into the model's codec set to serve it).
     paths["adaptation"].write_text(table_from_snr_csv(paths["csv"]).to_json())
-    plot(rows, channels, paths["png"])
-    write_markdown(rows, meta, channels, snr_list, paths["md"])
+    shown = [r for r in rows if not r.get("_envelope")]  # envelope members: in the CSV, summarised by the envelope
+    plot(shown, channels, paths["png"])
+    write_markdown(shown, meta, channels, snr_list, paths["md"])
     logger.info("bench snr: wrote %s in %.0f s", ", ".join(str(p) for p in paths.values()), meta["seconds"])
     return {"rows": rows, "meta": meta, **paths}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class Scheme:
     snr_db: tuple[float, ...]
     quality: tuple[float, ...]
     link: dict[str, object] = field(default_factory=dict)  # modulation, fec, code_rate
+    params: dict[str, str] = field(default_factory=dict)   # codec params (e.g. learned_quality)
 
     def expected(self, snr_db: float) -> float:
         return float(np.interp(snr_db, self.snr_db, self.quality))
@@ -109,14 +111,25 @@ class AdaptationTable:
 
 
 #: How the SNR benchmark's scheme names map to codecs and digital link settings.
-BENCH_SCHEMES: dict[str, tuple[str, dict[str, object]]] = {
-    "raw-fp16 uncoded QPSK": ("raw-fp16", {"modulation": "qpsk", "fec": "none"}),
-    "hyperprior+LDPC QPSK r1/2": ("hyperprior", {"modulation": "qpsk", "fec": "ldpc", "code_rate": 0.5}),
-    "hyperprior+LDPC 16QAM r2/3": ("hyperprior", {"modulation": "16qam", "fec": "ldpc", "code_rate": 2 / 3}),
-    "MEG (analog)": ("analog", {}),
-    "JSCC (no merge)": ("jscc", {}),
-    "E2E-MEG": ("e2e-meg", {}),
-}
+#: The analog schemes of ``meg bench snr`` by name; digital ones are parsed from their names.
+ANALOG_SCHEMES: dict[str, str] = {"MEG (analog)": "analog", "JSCC (no merge)": "jscc", "E2E-MEG": "e2e-meg",
+                                  "E2E-MEG (fixed merge map)": "e2e-meg-fixed"}
+_DIGITAL_NAME = re.compile(r"^(?P<codec>\S+?)(?: q(?P<q>\d+))?(?P<fec>\+LDPC | uncoded )(?P<mod>QPSK|16QAM|64QAM)"
+                           r"(?: r(?P<num>\d+)/(?P<den>\d+))?$")
+
+
+def scheme_of(name: str) -> tuple[str, dict[str, object], dict[str, str]] | None:
+    """(codec, link settings, codec params) of a ``meg bench snr`` scheme name, None for names that are not a
+    single scheme (e.g. the digital envelope, a summary of several)."""
+    if name in ANALOG_SCHEMES:
+        return ANALOG_SCHEMES[name], {}, {}
+    m = _DIGITAL_NAME.match(name)
+    if m is None:
+        return None
+    link: dict[str, object] = {"modulation": m["mod"].lower(), "fec": "ldpc" if "LDPC" in m["fec"] else "none"}
+    if m["num"]:
+        link["code_rate"] = int(m["num"]) / int(m["den"])
+    return m["codec"], link, ({"learned_quality": m["q"]} if m["q"] else {})
 
 
 def table_from_snr_csv(path: Path, metric: str = "psnr_db", margin_db: float = 1.0) -> AdaptationTable:
@@ -124,15 +137,17 @@ def table_from_snr_csv(path: Path, metric: str = "psnr_db", margin_db: float = 1
     curves: dict[tuple[str, str], list[tuple[float, float, float, str]]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            if row["scheme"] not in BENCH_SCHEMES or not row.get(metric):
+            if scheme_of(row["scheme"]) is None or not row.get(metric):
                 continue
+            # Channel uses with side information when the table has them (older tables: payload symbols).
+            uses = float(row.get("channel_uses_per_image") or row["symbols_per_image"])
             curves.setdefault((row["channel"], row["scheme"]), []).append(
-                (float(row["snr_db"]), float(row[metric]), float(row["symbols_per_image"]), row["kind"]))
+                (float(row["snr_db"]), float(row[metric]), uses, row["kind"]))
     channels: dict[str, list[Scheme]] = {}
     for (channel, name), points in sorted(curves.items()):
         points.sort()
-        codec_name, link = BENCH_SCHEMES[name]
+        codec_name, link, params = scheme_of(name)  # type: ignore[misc]
         channels.setdefault(channel, []).append(Scheme(
             name, codec_name, points[0][3], max(p[2] for p in points), tuple(p[0] for p in points),
-            tuple(p[1] for p in points), dict(link)))
+            tuple(p[1] for p in points), dict(link), dict(params)))
     return AdaptationTable(metric, channels, margin_db)

@@ -10,11 +10,13 @@ Parts, each skipped when its output is already in the set folder (the run is res
 
 1. ``latents``: ``--latents`` training + ``--test-latents`` held-out latents (prompts: ``--prompts FILE``, one
    a line, else the shapes captions), cached per batch under ``--work-dir``;
-2. ``fcm`` / ``dtufc``: FCM range (0.1 / 99.9 percentiles) and 256 DT-UFC centres
-   (:func:`codec.train_coders.fit_transforms`);
-3. ``learned``: the learned coders of ``--pairs`` across the quality ladder
+2. ``fcm`` / ``dtufc``: FCM range (0.1 / 99.9 percentiles), 256 DT-UFC centres and 256 centres fitted on
+   FCM-clipped values (:class:`codec.train_gained.SourceTransforms`);
+3. ``learned``: the compact per-quality coders of ``--pairs`` across the quality ladder
    (:func:`codec.train_coders.train_learned_coders`); the held-out rate must rise with the quality
    (recorded as ``rate_monotonic``, warned about when not);
+3b. ``gained``: the variable-rate coder (N=64, M=96, four qualities) in every domain of ``--gained-domains``
+   (:func:`codec.train_gained.train_set_coders`), ``--gained-steps`` steps each;
 4. ``jscc_full`` / ``jscc_e2e``: the JSCC links through the emulator's channel blocks and the model's frozen
    device decoder (:func:`codec.train_jscc.train_variant`);
 5. ``config.json``: source, model id, split, set name, how each part was made, per-file SHA-256 and the
@@ -49,8 +51,13 @@ DEFAULT_TEST_LATENTS = 128
 DEFAULT_SAMPLING_STEPS = 20
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_CODER_STEPS = 800
-DEFAULT_PAIRS = "factorized:identity,hyperprior:identity,mshyperprior:identity,elic:identity," \
-                "factorized:dtufc,hyperprior:dtufc,mshyperprior:dtufc,elic:dtufc,hyperprior:fcm"
+#: The compact per-quality families code untransformed latents; the transforms go with the variable-rate coder.
+DEFAULT_PAIRS = "factorized:identity,hyperprior:identity,mshyperprior:identity,elic:identity"
+DEFAULT_GAINED_DOMAINS = "identity,fcm,dtufc,dtufc-clip,dtufc-pwl"
+#: ~75 ms a step on one core at N=64, M=96, batch 8: about 5 minutes a coder.
+DEFAULT_GAINED_STEPS = 4000
+#: The coder the testbed serves at low rate: trained longer (its curve still moved from 2000 to 4000 steps).
+DEFAULT_NATIVE_STEPS = 8000
 LATENTS_FILE = "latents.pt"
 
 
@@ -117,7 +124,7 @@ def train_jscc_links(model_dir: Path, out: Path, train: torch.Tensor, test: torc
                      latent_steps: int, steps: int, minutes: float, seed: int) -> None:
     """Train the JSCC links ``names`` (:data:`codec.train_jscc.VARIANTS`) with the existing trainer and write
     each into the set as soon as it is done."""
-    from codec.train_jscc import VARIANTS, build_parser, evaluate, train_variant
+    from codec.train_jscc import MERGE_MAPS, VARIANTS, build_parser, evaluate, train_variant
     from models.decoders import decode_latents
 
     decoder_name, decoder, vae = _jscc_decoder(model_dir)
@@ -130,7 +137,8 @@ def train_jscc_links(model_dir: Path, out: Path, train: torch.Tensor, test: torc
     for name in names:
         net = train_variant(name, VARIANTS[name], train, targets, decoder, args, torch.device("cpu"))
         with torch.no_grad():
-            net.config["val_psnr_db"] = evaluate(net, VARIANTS[name], test, val_targets, decoder)
+            net.config["val_psnr_db"] = evaluate(net, VARIANTS[name], test, val_targets, decoder,
+                                                 MERGE_MAPS.get(name, "global"))
         net.config["trained_on"] = f"{model_dir.name}: sampler latents"
         net.save(out / f"{name}.safetensors")
         refresh_image_set_config(out, model_dir, name, {
@@ -146,26 +154,43 @@ def log_budget(args: argparse.Namespace, pairs: list[tuple[str, str]], todo: lis
     logger.info(
         "time budget: parts to do %s; sampling %d latents × %d steps (timed after the first batch); "
         "%d learned coders × %d steps (q1 + 3 half-steps ladders, %d jobs; ~1-3 min per 1000 steps each on a CPU "
-        "core); JSCC %s × (%d latent + %d pixel steps), capped at %.1f min each",
+        "core); %d variable-rate coders × %d steps (~75 ms a step on a core: ~%.0f min each) + the native one × %d "
+        "steps; "
+        "JSCC %s × (%d latent + %d pixel steps), capped at %.1f min each",
         ", ".join(todo) or "none", args.latents + args.test_latents, args.sampling_steps, len(pairs), coder_steps,
-        args.jobs, "+".join(n for n in ("jscc_full", "jscc_e2e") if n in todo) or "none", args.jscc_latent_steps,
+        args.jobs, len([d for d in args.gained_domains.split(",") if d]) if "gained" in todo else 0,
+        args.gained_steps, args.gained_steps * 0.075 / 60, args.native_steps if "gained" in todo else 0,
+        "+".join(n for n in ("jscc_full", "jscc_e2e", "jscc_e2e_fixed") if n in todo) or "none", args.jscc_latent_steps,
         args.jscc_steps, args.jscc_minutes)
+
+
+def _has_gained(learned_json: Path, domains: list[str], native_steps: int) -> bool:
+    """Whether the set's learned weights already hold the variable-rate coder of every domain."""
+    models = json.loads(learned_json.read_text()).get("models", {})
+    return all(f"gained.{d}.q1" in models for d in domains) and (native_steps == 0 or "gained-native.identity.q1" in models)
 
 
 def fit_image_codec_set(args: argparse.Namespace) -> Path:
     """Make (or finish) the image codec set of ``args.model_dir`` (module docstring); returns its folder."""
-    from codec.train_coders import fit_transforms, parse_pairs, rate_monotonic, train_learned_coders
+    from codec.train_coders import parse_pairs, rate_monotonic, train_learned_coders
+    from codec.train_gained import SourceTransforms, save_transforms, train_set_coders
 
     model_dir: Path = args.model_dir.expanduser().resolve()
     out: Path = args.out or image_set_dir(model_dir)
     set_name = args.set_name or sanitize_set_name(model_dir.name)
     work: Path = args.work_dir or Path.home() / ".cache" / "meg" / "codecs" / f"{model_dir.name}-image-k0"
     pairs = parse_pairs(args.pairs)
-    files = {"fcm": out / f"fcm_{set_name}.json", "dtufc": out / f"dtufc_{set_name}.safetensors",
-             "learned": out / f"learned_{set_name}.json", "jscc_full": out / "jscc_full.safetensors",
-             "jscc_e2e": out / "jscc_e2e.safetensors"}
-    skip_jscc = set() if args.jscc else {"jscc_full", "jscc_e2e"}
-    todo = [part for part, path in files.items() if part not in skip_jscc and (args.force or not path.is_file())]
+    files = {"fcm": out / f"fcm_{set_name}.json", "dtufc": out / f"dtufcclip_{set_name}.safetensors",
+             "learned": out / f"learned_{set_name}.json", "gained": out / f"learned_{set_name}.json",
+             "jscc_full": out / "jscc_full.safetensors", "jscc_e2e": out / "jscc_e2e.safetensors",
+             "jscc_e2e_fixed": out / "jscc_e2e_fixed.safetensors"}
+    gained_domains = [d for d in args.gained_domains.split(",") if d]
+    skip = (set() if args.jscc else {"jscc_full", "jscc_e2e", "jscc_e2e_fixed"})
+    skip |= set() if gained_domains or args.native_steps else {"gained"}
+    redo = set(args.redo.split(",")) - {""}
+    todo = [part for part, path in files.items()
+            if part not in skip and (args.force or part in redo or not path.is_file()
+                                     or (part == "gained" and not _has_gained(path, gained_domains, args.native_steps)))]
     log_budget(args, pairs if "learned" in todo else [], todo)
     out.mkdir(parents=True, exist_ok=True)
     if not todo:
@@ -185,9 +210,11 @@ def fit_image_codec_set(args: argparse.Namespace) -> Path:
     common = {"features": features, "latents": len(train), "test_latents": len(test),
               "command": f"{FIT_COMMAND.format(model_dir=model_dir)}"}
     if "fcm" in todo or "dtufc" in todo:
-        lo, hi = fit_transforms(train, out, set_name, features)
-        refresh_image_set_config(out, model_dir, "fcm+dtufc", {**common, "method": "codec.train_coders.fit_transforms",
-                                                                "fcm_range": [lo, hi]}, set_name=set_name)
+        tr = SourceTransforms.fit(train)
+        save_transforms(out, set_name, tr, source=features, n_latents=len(train))
+        refresh_image_set_config(out, model_dir, "fcm+dtufc", {
+            **common, "method": "codec.train_gained.SourceTransforms.fit", "fcm_range": [tr.lo, tr.hi]},
+            set_name=set_name)
     lo, hi = (lambda d: (float(d["lo"]), float(d["hi"])))(json.loads(files["fcm"].read_text()))
     if "learned" in todo:
         if not (out / CONFIG_FILE).is_file():  # the domains are computed through the codec stages, which read a set
@@ -199,7 +226,14 @@ def fit_image_codec_set(args: argparse.Namespace) -> Path:
             **common, "method": "codec.train_coders.train_learned_coders", "pairs": [":".join(p) for p in pairs],
             "steps_q1": args.coder_steps, "rate_monotonic": monotonic,
             "heldout_bpfp": {k: v["heldout_est_bpfp"] for k, v in meta["models"].items()}}, set_name=set_name)
-    jscc = [name for name in ("jscc_full", "jscc_e2e") if name in todo]
+    if "gained" in todo:
+        stats = train_set_coders(train, test, out, set_name, gained_domains, args.gained_steps, args.jobs,
+                                 {"source": features}, native_steps=args.native_steps)
+        refresh_image_set_config(out, model_dir, "gained" if gained_domains else "gained-native", {
+            **common, "method": "codec.train_gained.train_set_coders", "domains": gained_domains,
+            "steps": args.gained_steps, "native_steps": args.native_steps, "rate_monotonic": rate_monotonic(stats),
+            "heldout_bpfp": {k: v["heldout_est_bpfp"] for k, v in stats.items()}}, set_name=set_name)
+    jscc = [name for name in ("jscc_full", "jscc_e2e", "jscc_e2e_fixed") if name in todo]
     if jscc:
         train_jscc_links(model_dir, out, train, test, jscc, args.jscc_latent_steps, args.jscc_steps,
                          args.jscc_minutes, args.seed)
@@ -228,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="learned coders as kind:domain,...")
     parser.add_argument("--coder-steps", type=int, default=DEFAULT_CODER_STEPS, help="q1 steps; later qualities half")
     parser.add_argument("--coder-batch", type=int, default=8)
+    parser.add_argument("--gained-domains", default=DEFAULT_GAINED_DOMAINS,
+                        help="transforms to train the variable-rate coder behind ('' skips it)")
+    parser.add_argument("--gained-steps", type=int, default=DEFAULT_GAINED_STEPS,
+                        help="steps per variable-rate coder (a snapshot at half is what benchmarks compare)")
+    parser.add_argument("--native-steps", type=int, default=DEFAULT_NATIVE_STEPS,
+                        help="steps of the variable-rate coder on the latents' own channels (0 skips it)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel coder training processes")
     parser.add_argument("--no-jscc", dest="jscc", action="store_false", help="skip the JSCC links")
     parser.add_argument("--jscc-latent-steps", type=int, default=700)
@@ -235,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jscc-minutes", type=float, default=8.0, help="time cap per JSCC link")
     parser.add_argument("--seed", type=int, default=FIT_SEED)
     parser.add_argument("--force", action="store_true", help="redo every part (default: skip finished ones)")
+    parser.add_argument("--redo", default="", help="parts to redo although present, e.g. fcm,dtufc,gained")
     return parser
 
 

@@ -39,7 +39,8 @@ from codec.sets import CONFIG_FILE, IMAGE_SOURCE, IMAGE_SPLIT, codec_set_dir, co
 log = logging.getLogger(__name__)
 
 #: What a set's codec files look like (``config.json`` aside); adopting copies exactly these.
-SET_FILE_PATTERNS: tuple[str, ...] = ("fcm_*.json", "dtufc_*.safetensors", "learned_*.safetensors",
+SET_FILE_PATTERNS: tuple[str, ...] = ("fcm_*.json", "dtufc_*.safetensors", "dtufcclip_*.safetensors",
+                                      "learned_*.safetensors",
                                       "learned_*.json", "jscc_*.safetensors", "adaptation.json")
 FIT_COMMAND = "meg train codecs --source image --model-dir {model_dir}"
 ADOPT_COMMAND = "meg train codecs --source image --model-dir {model_dir} --adopt {old_dir}"
@@ -168,6 +169,8 @@ def _parts(folder: Path, files: list[Path]) -> dict[str, list[str]]:
             parts["fcm"].append(name[4:-5])
         elif name.startswith("dtufc_"):
             parts["dtufc"].append(name[6:-12])
+        elif name.startswith("dtufcclip_"):
+            parts["dtufc"].append("clip:" + name[10:-12])
         elif name.startswith("jscc_"):
             parts["jscc"].append(name[:-12])
         elif name.startswith("learned_") and name.endswith(".json"):

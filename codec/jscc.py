@@ -230,3 +230,6 @@ register_preset("jscc", "jscc", "Learned SNR-adaptive analog JSCC on the latent,
 register_preset("e2e-meg", "merge+jscc",
                 "E2E-MEG-DT: ToMe merging (ratio 0.5) + learned analog JSCC, 0.25 symbols a latent value",
                 merge_ratio="0.5", jscc_model="jscc_e2e")
+register_preset("e2e-meg-fixed", "merge+jscc",
+                "E2E-MEG with a fixed merge map (each token into its neighbour): no merge map to send",
+                merge_ratio="0.5", merge_map="fixed", jscc_model="jscc_e2e_fixed")

@@ -6,6 +6,10 @@ Four families, chosen by the header param ``learned_model``:
 ``hyperprior``    Balle 2018 scale hyperprior (``ScaleHyperprior``)
 ``mshyperprior``  Minnen 2018 mean-scale hyperprior (``MeanScaleHyperprior``, no autoregressive context)
 ``elic``          He 2022 ELIC (``Elic2022Official``: uneven channel groups + checkerboard spatial context)
+``gained``        variable rate: one mean-scale hyperprior for all qualities, chosen by gain vectors
+                  (:mod:`codec.variable_rate`), at real width (N=64, M=96); trained by :mod:`codec.train_gained`
+``gained-native`` the same on the latent's own channels (``tile_mode=native``: 4x16x16 in, not one 32x32
+                  plane), so the analysis sees each position's channels together; model specific, not universal
 
 Why compact variants: CompressAI's image models downsample 16x in g_a and 4x more in h_a, which would
 turn a 32x32 tiled latent plane into a 2x2 y and a sub-pixel z. Our subclasses keep each family's
@@ -37,7 +41,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +55,16 @@ from codec.base import CodecError, SourceCoder, StageContext, TensorInfo
 from codec.primitives import read_varint, varint
 from codec.registry import register_preset, register_terminal
 from codec.transforms import resolve_weights_file, set_param
+from codec.variable_rate import GainedMeanScale
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS: tuple[str, ...] = ("factorized", "hyperprior", "mshyperprior", "elic")
-DOMAINS: tuple[str, ...] = ("identity", "fcm", "dtufc")
+MODEL_KINDS: tuple[str, ...] = ("factorized", "hyperprior", "mshyperprior", "elic", "gained", "gained-native")
+#: The variable-rate kinds (one model, the quality picks a gain).
+GAINED_KINDS: tuple[str, ...] = ("gained", "gained-native")
+#: The per-quality families (one model per quality, :mod:`codec.train_coders`); ``gained`` is variable rate.
+COMPACT_KINDS: tuple[str, ...] = MODEL_KINDS[:4]
+DOMAINS: tuple[str, ...] = ("identity", "fcm", "dtufc", "dtufc-clip", "dtufc-pwl")
 #: Total downsampling of g_a (4x) times h_a (4x): inputs are padded to a multiple of this.
 PAD_MULTIPLE: int = 16
 _VERSION = 1
@@ -71,13 +80,17 @@ class CoderConfig:
     N: int = 32
     M: int = 16
     groups: tuple[int, ...] = (2, 2, 4, 8)
+    #: Qualities one model serves (``gained`` only; the other families train one model per quality).
+    levels: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "in_ch": self.in_ch, "N": self.N, "M": self.M, "groups": list(self.groups)}
+        return {"kind": self.kind, "in_ch": self.in_ch, "N": self.N, "M": self.M, "groups": list(self.groups),
+                "levels": self.levels}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "CoderConfig":
-        return CoderConfig(str(d["kind"]), int(d["in_ch"]), int(d["N"]), int(d["M"]), tuple(int(g) for g in d["groups"]))
+        return CoderConfig(str(d["kind"]), int(d["in_ch"]), int(d["N"]), int(d["M"]), tuple(int(g) for g in d["groups"]),
+                           int(d.get("levels", 1)))
 
 
 def _g_a(cin: int, N: int, M: int) -> nn.Sequential:
@@ -144,9 +157,14 @@ class CompactElic(Elic2022Official):
                                          conv(N, groups[k] * 2, 3, 1))
 
 
-_CLASSES: dict[str, type[nn.Module]] = {
+def _gained(cfg: CoderConfig) -> GainedMeanScale:
+    return GainedMeanScale(cfg.N, cfg.M, cfg.levels, _g_a(cfg.in_ch, cfg.N, cfg.M), _g_s(cfg.in_ch, cfg.N, cfg.M),
+                           _h_a(cfg.M, cfg.N), _h_s(cfg.N, 2 * cfg.M, final_relu=False))
+
+
+_CLASSES: dict[str, Callable[[CoderConfig], nn.Module]] = {
     "factorized": CompactFactorized, "hyperprior": CompactHyperprior,
-    "mshyperprior": CompactMeanScale, "elic": CompactElic,
+    "mshyperprior": CompactMeanScale, "elic": CompactElic, "gained": _gained, "gained-native": _gained,
 }
 
 
@@ -223,9 +241,12 @@ def load_coder(set_name: str, kind: str, domain: str, quality: int, weights_dir:
     entry = meta.get("models", {}).get(key)
     if entry is None:
         raise CodecError(f"weights set {set_name!r} has no coder {key!r}")
-    prefix = key + "."
+    # A variable-rate model's qualities share one state (``state``) and differ by ``quality_index``.
+    prefix = str(entry.get("state", key)) + "."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     model = load_exported(build_model(CoderConfig.from_json(entry["config"])), state)
+    if isinstance(model, GainedMeanScale):
+        return model.at_quality(int(entry.get("quality_index", quality - 1))).eval(), entry
     return model, entry
 
 
@@ -237,14 +258,15 @@ def _latent_shapes(model: nn.Module, kind: str, h: int, w: int) -> Any:
     yh, yw, zh, zw = h // 4, w // 4, h // 16, w // 16
     if kind == "factorized":
         return (yh, yw)
-    if kind in ("hyperprior", "mshyperprior"):
+    if kind in ("hyperprior", "mshyperprior", *GAINED_KINDS):
         return (zh, zw)
     groups = model.groups
     return {"y": [(g, yh, yw) for g in groups], "hyper": (zh, zw)}
 
 
 def _n_strings(model: nn.Module, kind: str) -> int:
-    return {"factorized": 1, "hyperprior": 2, "mshyperprior": 2}.get(kind, 2 * len(getattr(model, "groups", [])) + 1)
+    return {"factorized": 1, "hyperprior": 2, "mshyperprior": 2, "gained": 2, "gained-native": 2}.get(
+        kind, 2 * len(getattr(model, "groups", [])) + 1)
 
 
 @torch.no_grad()
@@ -268,6 +290,8 @@ def decode_planes(model: nn.Module, kind: str, strings: list[list[bytes]], shape
         z_hat = model.entropy_bottleneck.decompress(strings[1], shp)
         indexes = model.gaussian_conditional.build_indexes(model.h_s(z_hat))
         y_hat = model.gaussian_conditional.decompress(strings[0], indexes, z_hat.dtype)
+    elif kind in GAINED_KINDS:
+        return model.decode_padded(strings, shp)[..., :h, :w]
     elif kind == "mshyperprior":
         z_hat = model.entropy_bottleneck.decompress(strings[1], shp)
         scales_hat, means_hat = model.h_s(z_hat).chunk(2, 1)
@@ -384,31 +408,60 @@ class LearnedCoder(SourceCoder):
 
 def save_weights_set(path_stem: Path, models: dict[str, tuple[nn.Module, CoderConfig, dict[str, Any]]],
                      extra: dict[str, Any]) -> None:
-    """Write ``<stem>.safetensors`` (all coders, keys prefixed by :func:`model_key`) and ``<stem>.json``."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {"format": 1, **extra, "models": {}}
-    for key, (model, cfg, info) in sorted(models.items()):
-        for k, v in export_state(model).items():
-            tensors[f"{key}.{k}"] = v
-        meta["models"][key] = {"config": cfg.to_json(), **info}
-    save_file(tensors, str(path_stem.with_suffix(".safetensors")))
-    path_stem.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    """Write the per-quality coders ``models`` (keyed by :func:`model_key`) into ``<stem>.safetensors/.json``,
+    keeping the other coders already there (:func:`merge_weights_set`); ``extra`` goes to the JSON's top level."""
+    states = {key: export_state(model) for key, (model, _, _) in models.items()}
+    entries = {key: {"config": cfg.to_json(), **info} for key, (_, cfg, info) in models.items()}
+    merge_weights_set(path_stem, states, entries, extra, extra_key=None)
+
+
+def merge_weights_set(path_stem: Path, states: dict[str, dict[str, torch.Tensor]], entries: dict[str, dict[str, Any]],
+                      extra: dict[str, Any], extra_key: str | None = "variable_rate") -> None:
+    """Add coders to ``<stem>.safetensors/.json`` (created when missing), replacing those of the same state keys.
+
+    ``states`` maps a state key (e.g. ``gained.fcm``) to an :func:`export_state` dict; ``entries`` maps each
+    coder key (``gained.fcm.q3``) to its metadata, which names its ``state``. Other coders are kept, so a set
+    can hold the per-quality families and a variable-rate one side by side. (A per-quality coder is its own
+    state: its entry has no ``state`` field.)
+    """
+    st_path, js_path = path_stem.with_suffix(".safetensors"), path_stem.with_suffix(".json")
+    tensors = load_file(str(st_path)) if st_path.is_file() else {}
+    meta: dict[str, Any] = json.loads(js_path.read_text()) if js_path.is_file() else {"format": 1, "models": {}}
+    tensors = {k: v for k, v in tensors.items() if not any(k.startswith(s + ".") for s in states)}
+    for skey, state in states.items():
+        tensors.update({f"{skey}.{k}": v for k, v in state.items()})
+    meta["models"] = {k: v for k, v in meta.get("models", {}).items() if v.get("state", k) not in states}
+    meta["models"].update(entries)
+    if extra_key is None:
+        meta.update(extra)
+    else:
+        meta.setdefault(extra_key, {}).update(extra)
+    save_file(tensors, str(st_path))
+    js_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    _read_set.cache_clear()
+    load_coder.cache_clear()
 
 
 def _register_presets() -> None:
-    """Presets: each family without a transform and with DT-UFC, and the FCM baseline on the scale
-    hyperprior (the pairs :func:`codec.train_coders.default_pairs` trains), at quality 2."""
+    """Presets: each compact family on untransformed latents at quality 2, and the variable-rate coder behind
+    every transform (the transforms are studied on it: ``meg bench rate``, ``meg bench universal``)."""
     names = {"factorized": "factorized prior", "hyperprior": "scale hyperprior",
              "mshyperprior": "mean-scale hyperprior", "elic": "ELIC"}
     for kind, title in names.items():
         register_preset(kind, "identity+tile+learned", f"Learned {title} coder on tiled latents (digital)",
                         learned_model=kind, learned_domain="identity", learned_quality="2")
-        register_preset(f"dtufc+{kind}", "dtufc+tile+learned",
-                        f"DT-UFC transform + learned {title} coder on tiled latents (digital)",
-                        learned_model=kind, learned_domain="dtufc", learned_quality="2")
-    register_preset("fcm+hyperprior", "fcm+tile+learned",
-                    "FCM truncation/min-max baseline + learned scale hyperprior coder (digital)",
-                    learned_model="hyperprior", learned_domain="fcm", learned_quality="2")
+    # The variable-rate family (learned_quality 1-4 picks the gain), with every transform of issue 13.
+    gained = {"identity": ("gained", "no transform"), "fcm": ("fcm+gained", "FCM clip + min-max"),
+              "dtufc": ("dtufc+gained", "DT-UFC, upstream-faithful (index-domain loss)"),
+              "dtufc-clip": ("dtufc-clip+gained", "DT-UFC with centres fitted on FCM-clipped features"),
+              "dtufc-pwl": ("dtufc-pwl+gained", "DT-UFC as a piecewise-linear map (feature-domain loss)")}
+    for domain, (name, what) in gained.items():
+        register_preset(name, f"{domain}+tile+learned",
+                        f"{what} + variable-rate mean-scale hyperprior (N=64, M=96) on tiled latents (digital)",
+                        learned_model="gained", learned_domain=domain, learned_quality="2")
+    register_preset("gained-native", "identity+tile+learned",
+                    "Variable-rate mean-scale hyperprior (N=64, M=96) on the latent's own channels (digital)",
+                    tile_mode="native", learned_model="gained-native", learned_domain="identity", learned_quality="2")
 
 
 _register_presets()

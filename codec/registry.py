@@ -2,7 +2,7 @@
 
 A codec is chosen per request by name: either a preset (``raw-fp16``, ``uint8``, ``analog`` ...) or a
 composition of registered stage names joined by ``+`` and ending in a terminal coder, e.g.
-``dtufc+hyperprior``. Adding a stage is one file with ``@register_stage`` plus one import line in
+``dtufc+gained``. Adding a stage is one file with ``@register_stage`` plus one import line in
 ``codec/__init__.py``.
 
 Every preset names the feature *sources* it is meant for (:data:`SOURCES`): ``"image"`` (the diffusion

@@ -12,7 +12,16 @@ many generators:
 ``dtufc``
     DT-UFC's peaky-to-balanced transform: a 1-D K-means codebook of 2^b centres fitted once per model;
     a value maps to the index of the largest centre <= it, divided by 2^b. The output is roughly uniform
-    on [0, 1), which a learned coder trained on one model transfers to another.
+    on [0, 1), which a learned coder trained on one model transfers to another. This is the upstream-faithful
+    form (floor forward, centre lookup back; its coders train with the loss in the index domain).
+``dtufc-clip``
+    The same transform with centres fitted after clipping the samples to the FCM range (upstream's ``trun``
+    option): the outer centres no longer chase the rare tails, so the inverse is less steep there.
+``dtufc-pwl``
+    The same centres used as the knots of a piecewise-linear map: x between centres i and i+1 maps to
+    (i + fraction) / (2^b - 1), extrapolated linearly past the outer centres. It is invertible (the transform
+    alone round-trips exactly) and differentiable, so its coders train with the loss in feature units through
+    the inverse instead of in the index domain.
 
 Fitted parameters live in the model's image codec set (``<model dir>/codecs/image-k0``, :mod:`codec.image_sets`),
 which the edge and the device pass as ``weights_dir``. A header param may name a set inside it
@@ -200,6 +209,38 @@ def _load_centres(path: Path) -> torch.Tensor:
     return centres
 
 
+def dtufc_index_forward(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Upstream DT-UFC forward for one codebook (L,): index of the largest centre <= x, over L, in [0, 1)."""
+    levels = centres.numel()
+    idx = torch.searchsorted(centres, x.contiguous(), right=True) - 1
+    return idx.clamp(0, levels - 1).float() / levels
+
+
+def dtufc_index_inverse(u: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Upstream DT-UFC inverse: the centre at round(u * L)."""
+    levels = centres.numel()
+    u = torch.nan_to_num(u.float(), nan=0.0, posinf=1.0, neginf=0.0)
+    return centres[torch.round(u * levels).clamp(0, levels - 1).long()]
+
+
+def pwl_forward(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear DT-UFC forward (module docstring): centre i maps to i / (L - 1); differentiable in x."""
+    levels = centres.numel()
+    seg = (torch.searchsorted(centres, x.detach().contiguous(), right=True) - 1).clamp(0, levels - 2)
+    c0, c1 = centres[seg], centres[seg + 1]
+    return (seg.to(x.dtype) + (x - c0) / (c1 - c0)) / (levels - 1)
+
+
+def pwl_inverse(u: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pwl_forward`; differentiable in u (the training loss in feature units uses it)."""
+    levels = centres.numel()
+    u = torch.nan_to_num(u, nan=0.0, posinf=1.0, neginf=0.0)
+    t = u * (levels - 1)
+    seg = torch.floor(t.detach()).long().clamp(0, levels - 2)
+    c0, c1 = centres[seg], centres[seg + 1]
+    return c0 + (t - seg.to(u.dtype)) * (c1 - c0)
+
+
 @register_stage("dtufc")
 class DtufcStage(TensorStage):
     """DT-UFC: value -> (index of the largest centre <= value) / 2^b; inverse -> the centre at that index.
@@ -212,10 +253,12 @@ class DtufcStage(TensorStage):
 
     request_params = ("dtufc_centres", "dtufc_bits")
     uses_codec_set = True
+    #: Centres file of the set: ``<prefix><set>.safetensors``.
+    file_prefix = "dtufc_"
 
     def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
-        path = resolve_weights_file(set_param(params, "dtufc_centres", weights_dir), "dtufc_", ".safetensors",
-                                    weights_dir)
+        path = resolve_weights_file(set_param(params, "dtufc_centres", weights_dir), self.file_prefix,
+                                    ".safetensors", weights_dir)
         self.centres = _load_centres(path)
         self.levels = int(self.centres.shape[1])
         if "dtufc_bits" in params:
@@ -239,15 +282,14 @@ class DtufcStage(TensorStage):
     def forward(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
         out = {}
         for name, t in tensors.items():
-            g = self._group_of_channels(t)
             if self.centres.shape[0] == 1:
-                idx = torch.searchsorted(self.centres[0], t.contiguous(), right=True) - 1
-            else:
-                idx = torch.empty(t.shape, dtype=torch.long)
-                gb = g.expand(t.shape)
-                for gi in range(self.centres.shape[0]):
-                    mask = gb == gi
-                    idx[mask] = torch.searchsorted(self.centres[gi], t[mask].contiguous(), right=True) - 1
+                out[name] = dtufc_index_forward(t, self.centres[0])
+                continue
+            idx = torch.empty(t.shape, dtype=torch.long)
+            gb = self._group_of_channels(t).expand(t.shape)
+            for gi in range(self.centres.shape[0]):
+                mask = gb == gi
+                idx[mask] = torch.searchsorted(self.centres[gi], t[mask].contiguous(), right=True) - 1
             out[name] = idx.clamp(0, self.levels - 1).float() / self.levels
         return out
 
@@ -259,3 +301,28 @@ class DtufcStage(TensorStage):
             g = self._group_of_channels(t).expand(t.shape)
             out[name] = self.centres[g, idx] if self.centres.shape[0] > 1 else self.centres[0][idx]
         return out
+
+
+@register_stage("dtufc-clip")
+class DtufcClipStage(DtufcStage):
+    """DT-UFC with centres fitted on FCM-clipped samples (upstream ``trun``); centres file ``dtufcclip_<set>``.
+
+    The transform itself is the upstream one (values past the outer centres map to the outer indices)."""
+
+    file_prefix = "dtufcclip_"
+
+
+@register_stage("dtufc-pwl")
+class DtufcPwlStage(DtufcStage):
+    """DT-UFC's centres as knots of an invertible piecewise-linear map (module docstring); one codebook only."""
+
+    def __init__(self, params: dict[str, str], weights_dir: Path | None = None) -> None:
+        super().__init__(params, weights_dir)
+        if self.centres.shape[0] != 1:
+            raise CodecError("dtufc-pwl needs a single DT-UFC codebook (fitted with groups=1)")
+
+    def forward(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
+        return {name: pwl_forward(t.float(), self.centres[0]) for name, t in tensors.items()}
+
+    def inverse(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
+        return {name: pwl_inverse(t.float(), self.centres[0]) for name, t in tensors.items()}

@@ -147,6 +147,7 @@ class EdgeResult:
 class _AutoChoice:
     chosen_codec: str
     message: meg_pb2.CodecChoice
+    params: dict[str, str]
 
 
 class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb2.GenerateResponse]):
@@ -194,7 +195,7 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
             name, choice = request.codec, None
             if name == AUTO:
                 choice = self._choose(request, params, snr if link_is_noisy(request.channel.model) else None)
-                name, params = choice.chosen_codec, {}
+                name, params = choice.chosen_codec, dict(choice.params)
             # SNR-adaptive codecs (JSCC) take the link's SNR as side information.
             check_request_params(name, params)
             self._check_budget(request, shape)
@@ -222,7 +223,7 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
             modulation=str(link.get("modulation", "")), fec=str(link.get("fec", "")),
             code_rate=float(link.get("code_rate") or 0.0), expected_quality=picked.expected)
         log.info("auto: %s", picked.reason)
-        return _AutoChoice(picked.scheme.codec, message)
+        return _AutoChoice(picked.scheme.codec, message, dict(picked.scheme.params))
 
     def _check_budget(self, request: meg_pb2.GenerateRequest, shape: tuple[int, int, int]) -> None:
         """Refuse a request whose compute (pixels × steps) is over the budget: one huge valid request would

@@ -94,14 +94,14 @@ def test_learned_jscc_links(testbed: Testbed, codec: str, channel: dict) -> None
 def test_every_listed_codec_is_accepted(testbed: Testbed) -> None:
     listing = httpx.get(f"{testbed.url}/v1/codecs", timeout=10).json()
     names = [c["name"] for c in listing["codecs"]]
-    assert {"raw-fp16", "uint8", "analog", "hyperprior", "dtufc+hyperprior", "fcm+hyperprior", "elic",
+    assert {"raw-fp16", "uint8", "analog", "hyperprior", "dtufc+gained", "fcm+gained", "elic",
             "jscc", "e2e-meg"} <= set(names)
     for item in listing["codecs"]:
         assert item["kind"] in ("digital", "analog") and item["description"] and item["stages"]
         assert isinstance(item["params"], dict)
     by_name = {c["name"]: c for c in listing["codecs"]}
     # Parameters are shown: the learned presets name their model, domain and quality; E2E-MEG its merge ratio.
-    assert by_name["dtufc+hyperprior"]["params"]["learned_domain"] == "dtufc"
+    assert by_name["dtufc+gained"]["params"]["learned_domain"] == "dtufc"
     assert by_name["hyperprior"]["params"]["learned_model"] == "hyperprior"
     assert by_name["e2e-meg"]["params"]["merge_ratio"] == "0.5"
     assert by_name["e2e-meg"]["stages"] == ["merge", "jscc"]
@@ -150,9 +150,9 @@ def test_bad_fec_and_code_rate_are_rejected_by_name(testbed: Testbed) -> None:
 
 
 def test_cli_generate_selects_codec_channel_fec_and_rate() -> None:
-    args = _parser().parse_args(["generate", "a prompt", "--codec", "dtufc+hyperprior", "--channel", "rayleigh",
+    args = _parser().parse_args(["generate", "a prompt", "--codec", "dtufc+gained", "--channel", "rayleigh",
                                  "--snr-db", "3", "--modulation", "16qam", "--fec", "ldpc", "--code-rate", "0.75"])
-    assert (args.codec, args.channel, args.snr_db) == ("dtufc+hyperprior", "rayleigh", 3.0)
+    assert (args.codec, args.channel, args.snr_db) == ("dtufc+gained", "rayleigh", 3.0)
     assert (args.modulation, args.fec, args.code_rate) == ("16qam", "ldpc", 0.75)
     with pytest.raises(SystemExit):
         _parser().parse_args(["generate", "a prompt", "--fec", "turbo"])

@@ -11,7 +11,7 @@ import torch
 
 import codec  # noqa: F401  (registers stages, terminals and presets)
 from codec.base import CodecError, EncodedPayload, StageContext, TensorInfo
-from codec.learned import (MODEL_KINDS, CoderConfig, LearnedCoder, build_model, decode_planes, encode_planes,
+from codec.learned import (DOMAINS, MODEL_KINDS, CoderConfig, LearnedCoder, build_model, decode_planes, encode_planes,
                            load_coder, reference_reconstruction)
 from codec.registry import build_codec, codec_names
 from codec.image_sets import image_set_dir
@@ -21,8 +21,8 @@ from models import DEFAULT_MODEL_DIR
 #: The embedded model's image codec set (committed), which every learned coder here loads from.
 SET = image_set_dir(DEFAULT_MODEL_DIR)
 
-PRESETS = ["factorized", "hyperprior", "mshyperprior", "elic", "dtufc+factorized", "dtufc+hyperprior",
-           "dtufc+mshyperprior", "dtufc+elic", "fcm+hyperprior"]
+PRESETS = ["factorized", "hyperprior", "mshyperprior", "elic", "gained", "fcm+gained", "dtufc+gained",
+           "dtufc-clip+gained", "dtufc-pwl+gained"]
 
 
 def _latents(seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -35,7 +35,7 @@ def test_presets_registered() -> None:
     assert set(PRESETS) <= set(codec_names())
 
 
-@pytest.mark.parametrize("kind,domain", default_pairs())
+@pytest.mark.parametrize("kind,domain", default_pairs() + [("gained", d) for d in DOMAINS])
 def test_decompress_equals_models_own_quantised_reconstruction(kind: str, domain: str) -> None:
     model, _ = load_coder("shapes_v1", kind, domain, 2, SET)
     g = torch.Generator().manual_seed(1)
@@ -63,8 +63,9 @@ def test_codec_round_trip_and_bpfp(preset: str) -> None:
 
 def test_quality_ladder_orders_rate() -> None:
     x = {"latents": _latents(3, batch=4)}
-    sizes = [len(build_codec("dtufc+hyperprior", {"learned_quality": str(q)}, SET).encode(x).data) for q in (1, 4)]
-    assert sizes[0] < sizes[1]
+    for preset in ("hyperprior", "dtufc+gained", "dtufc-pwl+gained"):
+        sizes = [len(build_codec(preset, {"learned_quality": str(q)}, SET).encode(x).data) for q in (1, 2, 3, 4)]
+        assert sizes == sorted(sizes) and sizes[0] < sizes[-1], (preset, sizes)
 
 
 def test_golden_bitstream() -> None:
@@ -88,7 +89,7 @@ def _with_crc(body: bytes) -> bytes:
     return body + zlib.crc32(body).to_bytes(4, "little")
 
 
-@pytest.mark.parametrize("preset", ["dtufc+hyperprior", "elic", "mshyperprior", "dtufc+factorized"])
+@pytest.mark.parametrize("preset", ["dtufc+gained", "elic", "mshyperprior", "factorized"])
 def test_corrupt_and_truncated_payloads_raise_codec_error(preset: str) -> None:
     c = build_codec(preset, None, SET)
     payload = c.encode({"latents": _latents(4)})
@@ -138,11 +139,11 @@ def test_corrupt_and_truncated_payloads_raise_codec_error(preset: str) -> None:
 ])
 def test_garbage_params_raise_codec_error(params: dict[str, str]) -> None:
     with pytest.raises(CodecError):
-        build_codec("dtufc+hyperprior", params, SET)
+        build_codec("dtufc+gained", params, SET)
 
 
 def test_garbage_header_on_decode_raises_codec_error() -> None:
-    c = build_codec("dtufc+hyperprior", None, SET)
+    c = build_codec("dtufc+gained", None, SET)
     payload = c.encode({"latents": _latents(5)})
     for key, value in [("coded_tensors", "latents:1x1x32"), ("coded_tensors", "latents:1x3x32x32"),
                        ("coded_tensors", "latents:1x1x64x64"), ("coded_tensors", "zz"),
@@ -164,4 +165,7 @@ def test_learned_coder_rejects_unpacked_tensors() -> None:
 def test_all_model_kinds_trained() -> None:
     for kind in MODEL_KINDS:
         for q in (1, 2, 3, 4):
-            load_coder("shapes_v1", kind, "dtufc", q, SET)
+            load_coder("shapes_v1", kind, "identity", q, SET)
+    for domain in DOMAINS:  # the variable-rate coder behind every transform
+        for q in (1, 2, 3, 4):
+            load_coder("shapes_v1", "gained", domain, q, SET)

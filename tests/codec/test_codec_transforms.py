@@ -142,7 +142,7 @@ def test_unknown_or_path_like_centre_names_rejected(name: str) -> None:
     with pytest.raises(CodecError):
         DtufcStage({"dtufc_centres": name}, SET)
     with pytest.raises(CodecError):
-        build_codec("dtufc+hyperprior", {"dtufc_centres": name}, SET)
+        build_codec("dtufc+gained", {"dtufc_centres": name}, SET)
     with pytest.raises(CodecError):
         resolve_weights_file(name, "fcm_", ".json", SET)
 

@@ -58,7 +58,7 @@ def test_old_layout_folder_fails_saying_how_to_convert(tmp_path: Path) -> None:
         shutil.copy2(p, old / p.name)
     with pytest.raises(CodecError, match=r"old global codec/weights layout.*meg train codecs --source image "
                                          r"--model-dir .* --adopt"):
-        codec.build_codec("dtufc+hyperprior", {}, old)
+        codec.build_codec("dtufc+gained", {}, old)
     model = _fake_model(tmp_path / "model")
     from models.train import main
 
@@ -68,7 +68,7 @@ def test_old_layout_folder_fails_saying_how_to_convert(tmp_path: Path) -> None:
     assert config["made_by"]["method"] == "adopted" and config["content_hash"] == \
         json.loads((SET / "config.json").read_text())["content_hash"]  # same files: the same set
     x = {"latents": torch.randn(1, 4, 16, 16)}
-    c = codec.build_codec("dtufc+hyperprior", {}, adopted)
+    c = codec.build_codec("dtufc+gained", {}, adopted)
     assert c.decode(c.encode(x))["latents"].shape == x["latents"].shape
 
 
@@ -77,7 +77,7 @@ def test_a_model_without_a_set_serves_only_codecs_without_fitted_data(tmp_path: 
     for name in ("raw-fp16", "raw-fp32", "uint8", "analog"):
         assert not uses_codec_set(name)
         codec.build_codec(name, {}, folder)
-    for name in ("hyperprior", "fcm+hyperprior", "jscc", "e2e-meg"):
+    for name in ("hyperprior", "fcm+gained", "jscc", "e2e-meg"):
         assert uses_codec_set(name)
         with pytest.raises(CodecError, match=r"meg train codecs --source image --model-dir .*sd15"):
             codec.build_codec(name, {"channel_snr_db": "10"}, folder)
@@ -89,7 +89,7 @@ def test_a_tampered_file_is_refused(tmp_path: Path) -> None:
     data = json.loads((copy / "fcm_shapes_v1.json").read_text())
     (copy / "fcm_shapes_v1.json").write_text(json.dumps({**data, "hi": data["hi"] + 1}))
     with pytest.raises(CodecError, match="does not match"):
-        codec.build_codec("fcm+hyperprior", {}, copy)
+        codec.build_codec("fcm+gained", {}, copy)
 
 
 # ---------------------------------------------------------------------------------------- edge and device
@@ -209,20 +209,24 @@ def test_meg_train_codecs_image_smoke_on_a_tiny_model(tmp_path: Path) -> None:
 
     model = build_tiny_ldm(tmp_path / "tiny")
     argv = ["codecs", "--source", "image", "--model-dir", str(model), "--latents", "6", "--test-latents", "2",
-            "--sampling-steps", "2", "--sample-batch", "4", "--pairs", "factorized:identity,hyperprior:dtufc",
-            "--coder-steps", "2", "--coder-batch", "2", "--jobs", "1", "--jscc-latent-steps", "2",
+            "--sampling-steps", "2", "--sample-batch", "4", "--pairs", "factorized:identity,hyperprior:identity",
+            "--gained-domains", "fcm,dtufc-pwl", "--gained-steps", "4", "--native-steps", "4", "--coder-steps", "2", "--coder-batch", "2", "--jobs", "1", "--jscc-latent-steps", "2",
             "--jscc-steps", "1", "--work-dir", str(tmp_path / "work")]
     assert main(argv) == 0
     folder = image_set_dir(model)
     config = json.loads((folder / "config.json").read_text())
     assert config["source"] == IMAGE_SOURCE and config["set_name"] == "tiny"
-    assert set(config["made_by"]["parts"]) == {"fcm+dtufc", "learned", "jscc_full", "jscc_e2e"}
+    assert set(config["made_by"]["parts"]) == {"fcm+dtufc", "learned", "gained", "jscc_full", "jscc_e2e",
+                                               "jscc_e2e_fixed"}
     assert "sampler final latents" in config["made_by"]["parts"]["learned"]["features"]
-    assert set(config["made_by"]["parts"]["learned"]["rate_monotonic"]) == {"factorized.identity", "hyperprior.dtufc"}
+    assert set(config["made_by"]["parts"]["learned"]["rate_monotonic"]) == {"factorized.identity", "hyperprior.identity"}
+    assert set(config["made_by"]["parts"]["gained"]["rate_monotonic"]) == {"gained.fcm", "gained.dtufc-pwl",
+                                                                            "gained-native.identity"}
     latents = torch.load(tmp_path / "work" / "latents.pt")
     assert latents.shape == (8, 4, 8, 8)  # the backend's final latents, the shape the edge sends
     x = {"latents": latents[:1]}
-    for name in ("factorized", "dtufc+hyperprior", "jscc", "e2e-meg"):
+    for name in ("factorized", "hyperprior", "fcm+gained", "dtufc-pwl+gained", "gained-native", "jscc", "e2e-meg",
+                 "e2e-meg-fixed"):
         c = codec.build_codec(name, {"channel_snr_db": "10"}, folder)
         assert c.decode(c.encode(x))["latents"].shape == x["latents"].shape
     # Resumable: a second run finds every part and leaves the set as it is.

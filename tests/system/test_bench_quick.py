@@ -45,18 +45,35 @@ def test_bench_snr_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "snr.png").read_bytes()[:8] == PNG_MAGIC
     rows = read_rows(tmp_path / "snr.csv")
     assert list(rows[0]) == list(snr_bench.CSV_COLUMNS)
+    members = [r for r in rows if r["scheme"].startswith(snr_bench.ENVELOPE_CODER + " q")]
+    envelope = [r for r in rows if r["scheme"].startswith("digital envelope")]
+    rows = [r for r in rows if r not in members and r not in envelope]
     schemes = list(dict.fromkeys(r["scheme"] for r in rows))
     expected = ["raw-fp16 uncoded QPSK", "hyperprior+LDPC QPSK r1/2", "hyperprior+LDPC 16QAM r2/3", "MEG (analog)"]
-    expected += [label for model, label in (("jscc_full", "JSCC (no merge)"), ("jscc_e2e", "E2E-MEG"))
+    expected += [label for model, label in (("jscc_full", "JSCC (no merge)"), ("jscc_e2e", "E2E-MEG"),
+                                            ("jscc_e2e_fixed", "E2E-MEG (fixed merge map)"))
                  if (PACKAGE_WEIGHTS / f"{model}.safetensors").is_file()]
     assert schemes == expected
     n_cells = len(snr_bench.CHANNELS) * len(snr_bench.SMOKE_SNRS_DB)
     assert len(rows) == len(schemes) * n_cells
+    # The digital envelope: per budget and cell, a configuration that was simulated and fits the budget.
+    assert members and {r["scheme"] for r in envelope} == {"digital envelope ≤256 uses", "digital envelope ≤512 uses"}
+    assert len(envelope) == 2 * n_cells
+    by_config = {(r["scheme"], r["channel"], r["snr_db"]): r for r in members}
+    for r in envelope:
+        member = by_config[(r["config"], r["channel"], r["snr_db"])]
+        assert float(member["channel_uses_per_image"]) <= float(r["scheme"].split("≤")[1].split()[0])
+        assert member["psnr_db"] == r["psnr_db"]
     for r in rows:
         assert int(r["n_images"]) == snr_bench.SMOKE_IMAGES
         assert 0 < float(r["psnr_db"]) < 100 and 0 <= float(r["ms_ssim"]) <= 1
         assert 0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["erased_fraction"]) <= 1
         assert float(r["symbols_per_image"]) > 0 and math.isfinite(float(r["fd"]))
+        # Bands: the mean lies in its 95 % interval; side information costs channel uses.
+        assert float(r["psnr_ci_low"]) <= float(r["psnr_db"]) <= float(r["psnr_ci_high"])
+        assert float(r["accuracy_ci_low"]) <= float(r["accuracy"]) <= float(r["accuracy_ci_high"])
+        side = float(r["bits_per_image"]) if r["kind"] == "analog" else 0.0
+        assert float(r["channel_uses_per_image"]) == pytest.approx(float(r["symbols_per_image"]) + side, abs=0.01)
 
     def row(scheme: str, channel: str, snr_db: float) -> dict[str, str]:
         return next(r for r in rows if r["scheme"] == scheme and r["channel"] == channel
@@ -102,3 +119,42 @@ def test_bd_rate_is_zero_for_equal_curves_and_negative_when_test_saves_rate() ->
     assert abs(rate_bench.bd_rate(rates, psnrs, rates, psnrs)) < 1e-9
     assert math.isclose(rate_bench.bd_rate(rates, psnrs, [r * 0.8 for r in rates], psnrs), -20.0, rel_tol=1e-6)
     assert math.isnan(rate_bench.bd_rate(rates, psnrs, rates, [p + 50 for p in psnrs]))  # no overlap
+
+
+def test_bench_universal_smoke(tmp_path: Path) -> None:
+    """Two coders of 4 steps (one per source, one on the mix) evaluated on all three sources; the report has
+    every section and the numbers have their shapes. Minutes of CPU: the LLM hidden states are collected."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run_cli("universal", "--quick", "--coders", "fcm@image", "dtufc@mixed", "--steps", "4", "--jobs", "1",
+            "--out", str(out), "--cache-dir", str(cache), timeout=600)
+    for name in ("universal.csv", "universal.json", "universal.md", "universal.png"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in cache.iterdir()) == ["dtufc@mixed-4.pt", "fcm@image-4.pt"]
+    rows = read_rows(out / "universal.csv")
+    full = [r for r in rows if r["budget"] == "full"]
+    assert {(r["coder"], r["evaluated_on"]) for r in full} == {
+        (c, s) for c in ("fcm@image", "dtufc@mixed") for s in ("image", "llm-k1", "llm-k2")}
+    assert len(full) == 2 * 3 * 4  # every quality of every coder on every source
+    half = {(r["coder"], r["evaluated_on"]) for r in rows if r["budget"] == "half"}
+    assert half == {("fcm@image", "image"), ("dtufc@mixed", "image"), ("dtufc@mixed", "llm-k1"), ("dtufc@mixed", "llm-k2")}
+    for r in rows:
+        assert float(r["bpfp"]) > 0 and float(r["feature_psnr_db"]) > 0
+        if r["evaluated_on"] == "image":
+            assert 0 < float(r["image_psnr_db"]) < 100 and 0 <= float(r["accuracy"]) <= 1
+        elif r["budget"] == "full" and r["trained_on"] in (r["evaluated_on"], "mixed"):
+            assert 0 <= float(r["agreement"]) <= 1 and 0 <= float(r["accuracy"]) <= 1
+        else:  # LLM task metrics only where the report uses them (the costly part)
+            assert math.isnan(float(r["accuracy"])) and math.isnan(float(r["agreement"]))
+    md = (out / "universal.md").read_text()
+    for heading in ("The transform alone", "Per source", "Cross-source transfer", "Did training stop moving",
+                    "within 1 point of uncoded"):
+        assert heading in md, heading
+    import json
+
+    trip = json.loads((out / "universal.json").read_text())["round_trip"]
+    for source, vals in trip.items():
+        assert vals["dtufc-pwl"] > vals["dtufc"] + 20, (source, vals)  # invertible vs 256 levels
+    # The report is rebuilt from the JSON alone (no training, no evaluation), to the same text.
+    (out / "universal.md").unlink()
+    run_cli("universal", "--report-only", "--out", str(out))
+    assert (out / "universal.md").read_text() == md
