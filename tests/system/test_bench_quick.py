@@ -101,7 +101,7 @@ def test_bench_rate_smoke(tmp_path: Path) -> None:
     rows = read_rows(tmp_path / "rate.csv")
     assert len(rows) == len(rate_bench.CURVES) * len(rate_bench.QUALITIES)
     assert {r["codec"] for r in rows} == {c[0] for c in rate_bench.CURVES}
-    assert {r["transform"] for r in rows} == {"identity", "dtufc", "fcm"}
+    assert {r["transform"] for r in rows} == {"identity", "fcm", "dtufc", "dtufc-clip", "dtufc-pwl"}
     for r in rows:
         assert int(r["n_images"]) == rate_bench.SMOKE_IMAGES
         assert float(r["bpfp"]) > 0 and float(r["bits_per_pixel"]) > 0
@@ -111,7 +111,7 @@ def test_bench_rate_smoke(tmp_path: Path) -> None:
     hp = sorted((r for r in rows if r["codec"] == "hyperprior"), key=lambda r: int(r["quality"]))
     assert float(hp[-1]["feature_psnr"]) > float(hp[0]["feature_psnr"])
     md = (tmp_path / "rate.md").read_text()
-    assert "## BD-rate" in md and "| hyperprior | dtufc | identity |" in md and "meg bench rate --smoke" in md
+    assert "## BD-rate" in md and "| gained | dtufc | identity |" in md and "meg bench rate --smoke" in md
 
 
 def test_bd_rate_is_zero_for_equal_curves_and_negative_when_test_saves_rate() -> None:
