@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import codec
+from bench.stats import paired_difference
 from codec.base import CodecError
 from codec.sets import codec_set_dir
 from codec.registry import codec_kind
@@ -162,12 +163,10 @@ def answers_right(llm: object, k: int, prompts: Sequence[object], transfer: Call
     return [is_correct(gen(q.prompt), q.answer) for q in prompts]  # type: ignore[attr-defined]
 
 
-def paired_ci(base: Sequence[bool], test: Sequence[bool], n_boot: int = 2000, seed: int = 0
-              ) -> tuple[float, float, float]:
+def paired_ci(base: Sequence[bool], test: Sequence[bool]) -> tuple[float, float, float]:
     """Accuracy difference test − base in points over the same prompts, with a paired bootstrap 95 % interval."""
-    d = np.asarray(test, float) - np.asarray(base, float)
-    boots = d[np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
-    return float(d.mean() * 100), float(np.percentile(boots, 2.5) * 100), float(np.percentile(boots, 97.5) * 100)
+    diff, lo, hi = paired_difference(base, test)
+    return diff * 100, lo * 100, hi * 100
 
 
 @torch.no_grad()

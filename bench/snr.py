@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 import codec
+from bench.stats import bootstrap_ci, paired_difference
 from codec.adaptation import table_from_snr_csv
 from codec.base import CodecError
 from codec.image_sets import image_set_dir
@@ -69,7 +70,6 @@ CSV_COLUMNS = ("scheme", "kind", "channel", "snr_db", "n_images", "symbols_per_i
 #: QPSK with a rate-1/2 LDPC code, i.e. one information bit per complex channel use (CRC and padding aside).
 SIDE_INFO_BITS_PER_SYMBOL = 1.0
 SIDE_INFO_MCS = "QPSK + LDPC r1/2"
-BOOTSTRAP_RESAMPLES = 2000
 #: The digital envelope: every quality of this coder x modulation x LDPC rate that fits a budget.
 ENVELOPE_CODER = "gained-native"
 ENVELOPE_QUALITIES = (1, 2, 3, 4)
@@ -189,20 +189,35 @@ def budgets_for(latents: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(round(f * values)) for f in BUDGET_USES_PER_VALUE)
 
 
-def envelope_schemes(family: Family, latents: torch.Tensor, max_uses: int) -> list[Scheme]:
+PayloadCache = dict[tuple[str, tuple[tuple[str, str], ...]], list[EncodedPayload]]
+
+
+def digital_payloads(codec_name: str, params: dict[str, str], latents: torch.Tensor, weights: Path,
+                     cache: PayloadCache) -> list[EncodedPayload]:
+    """Each latent's payload, encoded once per (codec, params) for the whole run: a payload does not depend on
+    the channel, so the schemes that send it over different MCS (and the envelope's sizing) share it. A cache
+    serves one run, i.e. one set of latents and one codec set."""
+    key = (codec_name, tuple(sorted(params.items())))
+    if key not in cache:
+        c = codec.build_codec(codec_name, dict(params), weights)
+        cache[key] = [c.encode({"latents": lat[None]}) for lat in latents]
+    return cache[key]
+
+
+def envelope_schemes(family: Family, latents: torch.Tensor, max_uses: int, cache: PayloadCache) -> list[Scheme]:
     """Every (quality, modulation, LDPC rate) of :data:`ENVELOPE_CODER` whose mean channel uses per image fit
     ``max_uses`` (the largest budget); payload sizes are those of these very latents."""
     from radio.digital import DigitalChain, DigitalChainConfig
 
     weights = image_set_dir(family.root)
-    try:
-        coders = {q: codec.build_codec(ENVELOPE_CODER, {"learned_quality": str(q)}, weights) for q in ENVELOPE_QUALITIES}
-    except CodecError as exc:
-        logger.warning("no digital envelope: %s", exc)
-        return []
     out = []
-    for q, c in coders.items():
-        sizes = [len(c.encode({"latents": lat[None]}).data) for lat in latents]
+    for q in ENVELOPE_QUALITIES:
+        try:
+            payloads = digital_payloads(ENVELOPE_CODER, {"learned_quality": str(q)}, latents, weights, cache)
+        except CodecError as exc:
+            logger.warning("no digital envelope: %s", exc)
+            return []
+        sizes = [len(p.data) for p in payloads]
         for mod in ENVELOPE_MODULATIONS:
             for rate in ENVELOPE_RATES:
                 chain = DigitalChain(DigitalChainConfig(modulation=mod, code_rate=rate))
@@ -270,7 +285,7 @@ class Transmitter:
     """
 
     def __init__(self, scheme: Scheme, latents: torch.Tensor, link: Link | None = None,
-                 weights: Path | None = None) -> None:
+                 weights: Path | None = None, payload_cache: PayloadCache | None = None) -> None:
         self.scheme = scheme
         self.latents = latents
         self.link = link or Link(decode_batch=256)  # large decoder batches: every image's blocks together
@@ -279,7 +294,8 @@ class Transmitter:
         self._payloads: list[EncodedPayload] = []
         if scheme.kind == "digital":
             self._codec = codec.build_codec(scheme.codec_name, dict(scheme.params), self.weights)
-            self._payloads = [self._codec.encode({"latents": lat[None]}) for lat in latents]
+            self._payloads = digital_payloads(scheme.codec_name, scheme.params, latents, self.weights,
+                                              payload_cache if payload_cache is not None else {})
 
     def spec(self, channel_name: str, snr_db: float) -> ChannelSpec:
         s = self.scheme
@@ -421,24 +437,9 @@ def score(family: Family, held: HeldOut, images: torch.Tensor, ref: ReferenceSta
             "_psnr": p.numpy()}
 
 
-def bootstrap_ci(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of the mean over images (NaN-free; one image: a point)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size < 2:
-        return float(v.mean()), float(v.mean())
-    means = v[np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float, float]:
-    """Mean of b − a over the same images (same noise), with its paired 95 % bootstrap interval."""
-    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
-    lo, hi = bootstrap_ci(d, resamples)
-    return float(d.mean()), lo, hi
-
-
 def run_grid(family: Family, held: HeldOut, schemes: list[Scheme], channels: tuple[str, ...],
-             snrs: tuple[float, ...], seed: int = 0, progress: bool = True) -> list[dict[str, object]]:
+             snrs: tuple[float, ...], seed: int = 0, progress: bool = True,
+             payload_cache: PayloadCache | None = None) -> list[dict[str, object]]:
     """Every (scheme, channel, SNR) on the held-out latents; one row of metrics each."""
     from models.decoders import decode_latents
 
@@ -447,7 +448,8 @@ def run_grid(family: Family, held: HeldOut, schemes: list[Scheme], channels: tup
     bar = tqdm(total=len(schemes) * len(channels) * len(snrs), desc="bench snr", disable=not progress)
     for si, scheme in enumerate(schemes):
         bar.set_postfix_str(scheme.name)
-        tx = Transmitter(scheme, held.latents, weights=image_set_dir(family.root))
+        tx = Transmitter(scheme, held.latents, weights=image_set_dir(family.root),
+                         payload_cache=payload_cache if payload_cache is not None else {})
         for ci, channel_name in enumerate(channels):
             for ni, snr in enumerate(snrs):
                 # One random stream per (channel, SNR), shared by every scheme: schemes of the same length see the
@@ -763,10 +765,11 @@ def run(quick: bool, out_dir: Path, *, n_images: int | None = None, snrs: tuple[
     if schemes is not None:
         chosen = [s for s in chosen if any(s.name.startswith(p) or s.codec_name == p for p in schemes)]
     budgets = budgets_for(held.latents)
+    payload_cache: PayloadCache = {}
     if envelope:
-        chosen += envelope_schemes(family, held.latents, max(budgets))
+        chosen += envelope_schemes(family, held.latents, max(budgets), payload_cache)
     logger.info("bench snr: %d latents, schemes %s, SNRs %s", n, [s.name for s in chosen], snr_list)
-    rows = run_grid(family, held, chosen, channels, snr_list, seed, progress)
+    rows = run_grid(family, held, chosen, channels, snr_list, seed, progress, payload_cache)
     rows += envelope_rows(rows, budgets)
     clean = score(family, held, held.reference)
     tiny = score(family, held, decode_latents(family.decoders["tiny_decoder"], held.latents)) \

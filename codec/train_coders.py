@@ -41,8 +41,7 @@ import torch
 from codec.image_sets import image_set_dir, write_image_set_config
 from codec.learned import COMPACT_KINDS, DOMAINS, CoderConfig, build_model, model_key, round_trip_half, save_weights_set
 from codec.packing import tile_planes
-from codec.transforms import (DtufcStage, FcmStage, fit_dtufc_centres, fit_fcm_range, save_dtufc_centres,
-                              save_fcm_stats)
+from codec.transforms import DtufcStage, FcmStage
 from codec.base import StageContext
 
 log = logging.getLogger(__name__)
@@ -259,14 +258,14 @@ def default_pairs() -> list[tuple[str, str]]:
 
 
 def fit_transforms(train: torch.Tensor, out: Path, set_name: str, source: str) -> tuple[float, float]:
-    """Fit FCM's range and DT-UFC's centres on ``train`` latents, write ``fcm_<set>.json`` and
-    ``dtufc_<set>.safetensors`` into ``out``; returns the FCM range."""
-    lo, hi = fit_fcm_range(train)
-    save_fcm_stats(out / f"fcm_{set_name}.json", lo, hi, source=source, percentiles=[0.1, 99.9], n_latents=len(train))
-    centres = fit_dtufc_centres(train, bits=8, groups=1)
-    save_dtufc_centres(out / f"dtufc_{set_name}.safetensors", centres)
-    log.info("fitted FCM range [%.3f, %.3f] and %d DT-UFC centres", lo, hi, centres.shape[1])
-    return lo, hi
+    """Fit FCM's range and DT-UFC's centres (plain and clip-fitted) on ``train`` latents and write them into
+    ``out`` as ``meg train codecs`` does (:class:`codec.train_gained.SourceTransforms`); returns the FCM range."""
+    from codec.train_gained import SourceTransforms, save_transforms  # it imports this module
+
+    tr = SourceTransforms.fit(train)
+    save_transforms(out, set_name, tr, source=source, n_latents=len(train))
+    log.info("fitted FCM range [%.3f, %.3f] and %d DT-UFC centres", tr.lo, tr.hi, tr.centres.numel())
+    return tr.lo, tr.hi
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:

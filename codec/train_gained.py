@@ -19,12 +19,13 @@ rate is constant (``lr``) and drops tenfold for the last 10 % of each half, so b
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import copy
 import functools
 import logging
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,12 +191,12 @@ class SourceTransforms:
         return self.hi - self.lo
 
     def forward(self, x: torch.Tensor, domain: str) -> torch.Tensor:
-        from codec.transforms import dtufc_index_forward, pwl_forward
+        from codec.transforms import dtufc_index_forward, fcm_forward, pwl_forward
 
         if domain == "identity":
             return x
         if domain == "fcm":
-            return (x.clamp(self.lo, self.hi) - self.lo) / self.span
+            return fcm_forward(x, self.lo, self.hi)
         if domain == "dtufc":
             return dtufc_index_forward(x, self.centres)
         if domain == "dtufc-clip":
@@ -206,12 +207,12 @@ class SourceTransforms:
 
     def inverse(self, u: torch.Tensor, domain: str) -> torch.Tensor:
         """The decoder side's inverse (hard for the index domains, as the codec stages)."""
-        from codec.transforms import dtufc_index_inverse, pwl_inverse
+        from codec.transforms import dtufc_index_inverse, fcm_inverse, pwl_inverse
 
         if domain == "identity":
             return u
         if domain == "fcm":
-            return u.clamp(0.0, 1.0) * self.span + self.lo
+            return fcm_inverse(u, self.lo, self.hi)
         if domain == "dtufc":
             return dtufc_index_inverse(u, self.centres)
         if domain == "dtufc-clip":
@@ -266,15 +267,13 @@ def train_many(jobs: Sequence[tuple[GainedJob, list[TrainSource]]], workers: int
     from tqdm.auto import tqdm
 
     out: list[GainedResult] = []
-    if workers <= 1 or len(jobs) <= 1:
-        results = (train_gained(*job) for job in jobs)
+    with contextlib.ExitStack() as stack:
+        if workers <= 1 or len(jobs) <= 1:
+            results: Iterable[GainedResult] = (train_gained(*job) for job in jobs)
+        else:
+            pool = stack.enter_context(cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")))
+            results = pool.map(_train_job, jobs)
         for i, res in enumerate(tqdm(results, total=len(jobs), desc="gained coders", unit="coder")):
-            out.append(res)
-            if on_result:
-                on_result(i, res)
-        return out
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        for i, res in enumerate(tqdm(pool.map(_train_job, jobs), total=len(jobs), desc="gained coders", unit="coder")):
             out.append(res)
             if on_result:
                 on_result(i, res)

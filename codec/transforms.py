@@ -119,6 +119,15 @@ def save_fcm_stats(path: Path, lo: float, hi: float, **extra: object) -> None:
     path.write_text(json.dumps({"lo": lo, "hi": hi, **extra}, indent=2) + "\n")
 
 
+def fcm_forward(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """FCM-LM's map: clamp to [lo, hi], min-max scale to [0, 1]."""
+    return (x.clamp(lo, hi) - lo) / (hi - lo)
+
+
+def fcm_inverse(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return u.clamp(0.0, 1.0) * (hi - lo) + lo
+
+
 @register_stage("fcm")
 class FcmStage(TensorStage):
     """FCM-LM baseline: clamp to [lo, hi], scale to [0, 1].
@@ -143,12 +152,10 @@ class FcmStage(TensorStage):
         self.lo, self.hi = float(lo), float(hi)
 
     def forward(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
-        span = self.hi - self.lo
-        return {k: (v.clamp(self.lo, self.hi) - self.lo) / span for k, v in tensors.items()}
+        return {k: fcm_forward(v, self.lo, self.hi) for k, v in tensors.items()}
 
     def inverse(self, tensors: dict[str, torch.Tensor], ctx: StageContext) -> dict[str, torch.Tensor]:
-        span = self.hi - self.lo
-        return {k: v.clamp(0.0, 1.0) * span + self.lo for k, v in tensors.items()}
+        return {k: fcm_inverse(v, self.lo, self.hi) for k, v in tensors.items()}
 
 
 # -------------------------------------------------------------------------------------------- DT-UFC

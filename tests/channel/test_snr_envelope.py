@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.snr import bootstrap_ci, envelope_rows, paired_difference
+from bench.snr import envelope_rows
+from bench.stats import bootstrap_ci, paired_difference
 from codec.adaptation import scheme_of
 
 
