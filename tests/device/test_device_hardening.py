@@ -121,29 +121,49 @@ def test_slow_headers_are_cut_off(testbed: Testbed) -> None:
         assert s.recv(1024) == b""  # closed by the device (header deadline), not by us
 
 
+def _statuses(url: str, service: str) -> dict[str, float]:
+    """``meg_requests_total`` of ``service`` by status (for a failure message that says what happened)."""
+    out: dict[str, float] = {}
+    for m in re.finditer(r'^meg_requests_total\{([^}]*)\} (\S+)$', httpx.get(url, timeout=5).text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels.get("service") == service:
+            key = f"{labels.get('codec')}/{labels.get('status')}"
+            out[key] = out.get(key, 0.0) + float(m.group(2))
+    return out
+
+
 def test_client_disconnect_cancels_the_request_end_to_end(testbed: Testbed) -> None:
     device_metrics = f"{testbed.url}/metrics"
     edge_metrics = f"http://127.0.0.1:{testbed.edge_metrics_port}/metrics"
-    cancelled_before = _metric(edge_metrics, "meg_requests_total", 'service="edge",codec="raw-fp16",channel="ideal",'
-                                                                   'status="cancelled"')
+    edge_cancelled = 'service="edge",codec="raw-fp16",channel="ideal",status="cancelled"'
+    cancelled_before = _metric(edge_metrics, "meg_requests_total", edge_cancelled)
+    edge_before = _statuses(edge_metrics, "edge")
+    outcome: list[str] = []
 
     def long_request() -> None:
         try:
-            httpx.post(f"{testbed.url}/v1/generate", json={"prompt": PROMPT, "steps": 200, "seed": 1},
-                       timeout=httpx.Timeout(1.5))
+            resp = httpx.post(f"{testbed.url}/v1/generate", json={"prompt": PROMPT, "steps": 200, "seed": 1},
+                              timeout=httpx.Timeout(2.0))
+            outcome.append(f"answered {resp.status_code}: {resp.text[:200]}")
         except httpx.TimeoutException:
-            pass  # the client gives up and closes its connection
+            outcome.append("timed out")  # the client gives up and closes its connection
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    _wait_for(lambda: _metric(device_metrics, "meg_requests_in_flight", 'service="device"') >= 1, 30,
-              "the long request is in flight on the device")
+    # The edge has the request (not only the device): cancelling it must then stop work on the edge.
+    _wait_for(lambda: _metric(edge_metrics, "meg_requests_in_flight", 'service="edge"') >= 1, 30,
+              "the long request is in flight on the edge")
     thread.join()
+    assert outcome == ["timed out"], f"the 200-step request was expected to outlast the client: {outcome}"
     _wait_for(lambda: _metric(device_metrics, "meg_requests_in_flight", 'service="device"') == 0, 10,
               "the device's in-flight gauge drops after the client left")
-    _wait_for(lambda: _metric(edge_metrics, "meg_requests_total", 'service="edge",codec="raw-fp16",'
-                              'channel="ideal",status="cancelled"') > cancelled_before, 30,
-              "the edge counts the request as cancelled (it stopped the work)")
+    try:
+        _wait_for(lambda: _metric(edge_metrics, "meg_requests_total", edge_cancelled) > cancelled_before, 30,
+                  "the edge counts the request as cancelled (it stopped the work)")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; edge requests by codec/status before {edge_before}, after "
+                             f"{_statuses(edge_metrics, 'edge')}; device {_statuses(device_metrics, 'device')}") \
+            from None
 
 
 def test_a_huge_request_is_refused_at_once_and_a_long_one_does_not_stall_a_small_one(testbed: Testbed) -> None:
