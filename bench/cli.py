@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, str] = {
     "soak": "a bounded soak of `meg up` with injected faults: lost requests, recovery times, RSS growth",
     "link": "per-request LDPC time in the channel emulator, chain built per request vs reused",
     "llm": "split LLM: accuracy/agreement/PSNR vs bits per hidden value, accuracy vs SNR, TTFT/TPOT and tokens/s",
+    "adapt": "link adaptation: codec auto (pilot SNR estimates) vs every fixed scheme within a channel-use "
+             "budget, on an SNR sweep and on SNR traces",
     "universal": "one learned coder across feature sources (image latents, LLM hidden states): per-source vs "
                  "mixed training, with and without DT-UFC, cross-source transfer",
 }
@@ -54,6 +56,7 @@ def _snr() -> argparse.ArgumentParser:
     p.add_argument("--channels", nargs="+", default=None, choices=("ideal", "awgn", "rayleigh", "rician"),
                    help="channel models (default: awgn rayleigh)")
     p.add_argument("--schemes", nargs="+", default=None, help="keep schemes whose name or codec starts so")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes, one scheme each at a time (same rows)")
     p.add_argument("--source", choices=("diffusion", "vae"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -166,7 +169,26 @@ def _universal() -> argparse.ArgumentParser:
     return p
 
 
-_PARSERS = {"universal": _universal, "snr": _snr, "rate": _rate, "serve": _serve, "overhead": _overhead, "soak": _soak, "link": _link, "llm": _llm}
+def _adapt() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meg bench adapt", description=BENCHMARKS["adapt"])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="16 latents, 5 dB steps (a few minutes)")
+    mode.add_argument("--smoke", action="store_true", help="3 VAE-encoded latents at -5 and 25 dB (for tests)")
+    p.add_argument("--n-images", type=int, default=None, help="held-out latents (default 64)")
+    p.add_argument("--snrs", type=float, nargs="+", default=None, help="SNR grid in dB (default -10..25 by 2.5)")
+    p.add_argument("--channels", nargs="+", default=None, choices=("awgn", "rayleigh", "rician"))
+    p.add_argument("--budget", type=float, default=512.0, help="channel uses per image, side information included")
+    p.add_argument("--traces", nargs="+", default=["walk-away", "tunnel"], help="named SNR traces (radio.trace)")
+    p.add_argument("--schemes", nargs="+", default=None, help="keep table schemes whose name starts so")
+    p.add_argument("--source", choices=("diffusion", "vae"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, help="worker processes, one scheme each at a time (same rows)")
+    p.add_argument("--no-progress", action="store_true")
+    _out(p)
+    return p
+
+
+_PARSERS = {"adapt": _adapt, "universal": _universal, "snr": _snr, "rate": _rate, "serve": _serve, "overhead": _overhead, "soak": _soak, "link": _link, "llm": _llm}
 
 
 def build_parser(which: str) -> argparse.ArgumentParser:

@@ -21,9 +21,10 @@ a 7-pixel window), the classifier's accuracy (all of shape, colour and backgroun
 prompt's labels) and the Fréchet distance of its features (``shapes_frechet_distance``; FID-style, not
 Inception). Results go to ``snr.csv``, ``snr.png`` and ``snr.md`` in the output folder.
 
-Modes: full (216 diffusion latents, −20…20 dB; ~10-15 min on 2 cores), ``--quick`` (54 latents, one per label
-combination, −5…20 dB; ~2-3 min), ``--smoke`` (6 VAE-encoded latents at −5 and 10 dB; seconds, for tests).
-Cost is kept down without changing what is measured: see :class:`Transmitter`.
+Modes: full (216 diffusion latents, −20…20 dB, every envelope configuration; the time of the last run is in
+``snr.md``), ``--quick`` (54 latents, one per label combination, −5…20 dB), ``--smoke`` (6 VAE-encoded latents
+at −5 and 10 dB; seconds, for tests). Cost is kept down without changing what is measured: see
+:class:`Transmitter`, and ``--jobs`` (default 2) runs the schemes in worker processes with the same rows.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -65,7 +67,7 @@ MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001)  # the first three standard MS-SSIM we
 CSV_COLUMNS = ("scheme", "kind", "channel", "snr_db", "n_images", "symbols_per_image", "bits_per_image",
                "side_symbols_per_image", "channel_uses_per_image", "psnr_db", "psnr_ci_low", "psnr_ci_high",
                "psnr_std_db", "ms_ssim", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "fd", "erased_fraction",
-               "config")
+               "config", "grid")
 #: How counted side information (analog gains, merge maps) crosses the link: a protected digital block at
 #: QPSK with a rate-1/2 LDPC code, i.e. one information bit per complex channel use (CRC and padding aside).
 SIDE_INFO_BITS_PER_SYMBOL = 1.0
@@ -78,6 +80,10 @@ ENVELOPE_RATES = ("1/2", "3/4")
 #: Channel-use budgets per image, in channel uses per latent value: E2E-MEG's own (0.25) and twice it.
 BUDGET_USES_PER_VALUE = (0.25, 0.5)
 #: the paper's FID curve (REFERENCES.md), SNR −20…20 dB in 5 dB steps
+#: Images the digital cliffs are measured again on (the first of the held-out set: one per label combination).
+CLIFF_IMAGES = 54
+#: E2E-MEG whose merging is learned inside the JSCC network (nothing to send; issue 14's cheap side information).
+LEARNED_MERGE = "E2E-MEG (learned merge)"
 PAPER_FID = {"MEG-DT": (197.7, 187.5, 41.4, 3.5, 5.9, 4.0, 2.6, 1.8, 1.5),
              "E2E-MEG-DT": (176.5, 147.1, 6.2, 6.2, 7.3, 6.0, 5.1, 4.7, 4.8)}
 
@@ -132,15 +138,15 @@ def load_family(root: Path) -> Family:
 
 
 @torch.no_grad()
-def held_out_latents(family: Family, n: int, source: str) -> HeldOut:
-    """``n`` balanced held-out prompts: diffusion latents (``source="diffusion"``, what the edge really sends)
-    or VAE encodings of the rendered reference images (``"vae"``, fast, for tests)."""
+def held_out_latents(family: Family, n: int, source: str, start: int = 0) -> HeldOut:
+    """``n`` balanced held-out prompts from the ``start``-th on: diffusion latents (``source="diffusion"``,
+    what the edge really sends) or VAE encodings of the rendered reference images (``"vae"``, fast, for tests)."""
     from models import components
     from models.decoders import decode_latents
     from models.sampling import generate_latents
     from models.shapes import caption_to_labels, heldout_sample, heldout_set, image_to_tensor, labels_to_indices
 
-    pairs = heldout_set(n)
+    pairs = heldout_set(n, start)
     labels = torch.tensor([labels_to_indices(*caption_to_labels(c)) for c, _ in pairs])
     if source == "diffusion":
         root = family.root
@@ -169,7 +175,8 @@ def available_schemes(family: Family, with_jscc_full: bool = True) -> list[Schem
     from codec.transforms import resolve_weights_file
 
     for name, model, label in (("jscc", "jscc_full", "JSCC (no merge)"), ("e2e-meg", "jscc_e2e", "E2E-MEG"),
-                               ("e2e-meg-fixed", "jscc_e2e_fixed", "E2E-MEG (fixed merge map)")):
+                               ("e2e-meg-fixed", "jscc_e2e_fixed", "E2E-MEG (fixed merge map)"),
+                               ("e2e-meg-learned", "jscc_e2e_learned", "E2E-MEG (learned merge)")):
         if name == "jscc" and not with_jscc_full:
             continue
         try:
@@ -439,35 +446,117 @@ def score(family: Family, held: HeldOut, images: torch.Tensor, ref: ReferenceSta
 
 def run_grid(family: Family, held: HeldOut, schemes: list[Scheme], channels: tuple[str, ...],
              snrs: tuple[float, ...], seed: int = 0, progress: bool = True,
-             payload_cache: PayloadCache | None = None) -> list[dict[str, object]]:
-    """Every (scheme, channel, SNR) on the held-out latents; one row of metrics each."""
-    from models.decoders import decode_latents
+             payload_cache: PayloadCache | None = None, jobs: int = 1) -> list[dict[str, object]]:
+    """Every (scheme, channel, SNR) on the held-out latents; one row of metrics each.
 
-    rows: list[dict[str, object]] = []
+    ``jobs`` > 1 runs the schemes in that many worker processes (one CPU thread each); a cell's noise stream
+    depends only on (seed, channel, SNR), so the rows are the same as with one process, in the same order."""
+    return run_tasks(family, held, [GridTask(s, ch, snrs) for s in schemes for ch in channels], seed, progress,
+                     payload_cache, jobs)
+
+
+@dataclass(frozen=True)
+class GridTask:
+    """One scheme on one channel at some SNRs."""
+
+    scheme: Scheme
+    channel: str
+    snrs: tuple[float, ...]
+    grid: str = "coarse"  # "coarse": the report's grid; "cliff": the fine grid around a digital cliff
+
+
+def run_tasks(family: Family, held: HeldOut, tasks: list[GridTask], seed: int = 0, progress: bool = True,
+              payload_cache: PayloadCache | None = None, jobs: int = 1) -> list[dict[str, object]]:
+    """The rows of every task, in task order (in ``jobs`` worker processes when > 1; the same rows)."""
+    bar = tqdm(total=sum(len(t.snrs) for t in tasks), desc="bench snr", disable=not progress)
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        done: dict[int, list[dict[str, object]]] = {}
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(family.root, held)) as pool:
+            futures = {pool.submit(_worker_task_rows, task, seed): i for i, task in enumerate(tasks)}
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                bar.update(len(tasks[futures[future]].snrs))
+        bar.close()
+        return [row for i in range(len(tasks)) for row in done[i]]
     ref = ReferenceStats.of(family.classifier.embed(held.reference * 2.0 - 1.0).double().numpy())
-    bar = tqdm(total=len(schemes) * len(channels) * len(snrs), desc="bench snr", disable=not progress)
-    for si, scheme in enumerate(schemes):
-        bar.set_postfix_str(scheme.name)
-        tx = Transmitter(scheme, held.latents, weights=image_set_dir(family.root),
-                         payload_cache=payload_cache if payload_cache is not None else {})
-        for ci, channel_name in enumerate(channels):
-            for ni, snr in enumerate(snrs):
-                # One random stream per (channel, SNR), shared by every scheme: schemes of the same length see the
-                # same noise on the same images, so their differences are paired.
-                cell = tx.send_all(channel_name, snr, cell_generator(seed, ci, ni))
-                images = decode_latents(family.decoders[scheme.decoder], cell.latents)
-                symbols, bits = float(np.mean(cell.symbols)), float(np.mean(cell.bits))
-                # Analog schemes' bits are their side information (gain, merge map): it crosses the link as a
-                # protected digital block, so it costs channel uses too. Digital payloads carry their own.
-                side = bits / SIDE_INFO_BITS_PER_SYMBOL if scheme.kind == "analog" else 0.0
-                rows.append({"scheme": scheme.name, "kind": scheme.kind, "channel": channel_name, "snr_db": snr,
-                             "n_images": len(cell.latents), "symbols_per_image": symbols, "bits_per_image": bits,
-                             "side_symbols_per_image": side, "channel_uses_per_image": symbols + side,
-                             **score(family, held, images, ref), "erased_fraction": float(np.mean(cell.erased)),
-                             "config": scheme.name, "_envelope": scheme.envelope})
-                bar.update()
+    cache = payload_cache if payload_cache is not None else {}
+    rows: list[dict[str, object]] = []
+    for task in tasks:
+        bar.set_postfix_str(task.scheme.name)
+        rows += task_rows(family, held, task, seed, ref, cache, bar.update)
     bar.close()
     return rows
+
+
+def noise_key(channel: str, snr_db: float) -> tuple[int, int]:
+    """The key of a (channel, SNR) cell's random stream: every scheme at that cell sees the same noise."""
+    return (CHANNELS.index(channel) if channel in CHANNELS else 100 + len(channel), int(round(snr_db * 4)) + 1000)
+
+
+def task_rows(family: Family, held: HeldOut, task: GridTask, seed: int, ref: ReferenceStats,
+              payload_cache: PayloadCache, done: Callable[[], object] = lambda: None) -> list[dict[str, object]]:
+    """The rows of one task: its scheme on its channel at each of its SNRs."""
+    from models.decoders import decode_latents
+
+    scheme, rows = task.scheme, []
+    tx = Transmitter(scheme, held.latents, weights=image_set_dir(family.root), payload_cache=payload_cache)
+    for snr in task.snrs:
+        # One random stream per (channel, SNR), shared by every scheme: schemes of the same length see the
+        # same noise on the same images, so their differences are paired.
+        cell = tx.send_all(task.channel, snr, cell_generator(seed, *noise_key(task.channel, snr)))
+        images = decode_latents(family.decoders[scheme.decoder], cell.latents)
+        symbols, bits = float(np.mean(cell.symbols)), float(np.mean(cell.bits))
+        # Analog schemes' bits are their side information (gain, merge map): it crosses the link as a
+        # protected digital block, so it costs channel uses too. Digital payloads carry their own.
+        side = bits / SIDE_INFO_BITS_PER_SYMBOL if scheme.kind == "analog" else 0.0
+        rows.append({"scheme": scheme.name, "kind": scheme.kind, "channel": task.channel, "snr_db": snr,
+                     "n_images": len(cell.latents), "symbols_per_image": symbols, "bits_per_image": bits,
+                     "side_symbols_per_image": side, "channel_uses_per_image": symbols + side,
+                     **score(family, held, images, ref), "erased_fraction": float(np.mean(cell.erased)),
+                     "config": scheme.name, "grid": task.grid, "_envelope": scheme.envelope})
+        done()
+    return rows
+
+
+def cliff_tasks(schemes: list[Scheme], rows: list[dict[str, object]], step_db: float = 0.5,
+                min_jump_db: float = 3.0) -> list[GridTask]:
+    """Issue 16: locate each digital scheme's cliff on a ``step_db`` grid. Per digital scheme and channel, the
+    coarse interval with the largest PSNR jump (at least ``min_jump_db``) is measured again every ``step_db``."""
+    tasks = []
+    for scheme in schemes:
+        if scheme.kind != "digital":
+            continue
+        for ch in dict.fromkeys(str(r["channel"]) for r in rows):
+            pts = sorted((float(r["snr_db"]), float(r["psnr_db"])) for r in rows  # type: ignore[arg-type]
+                         if r["scheme"] == scheme.name and r["channel"] == ch)
+            jumps = [(b[1] - a[1], a[0], b[0]) for a, b in zip(pts, pts[1:])]
+            if not jumps or max(jumps)[0] < min_jump_db:
+                continue
+            _, lo, hi = max(jumps)
+            inner = tuple(float(v) for v in np.arange(lo + step_db, hi - step_db / 2, step_db))
+            if inner:
+                tasks.append(GridTask(scheme, ch, inner, grid="cliff"))
+    return tasks
+
+
+#: A worker process's model and held-out latents (set once by :func:`_init_worker`).
+_WORKER: dict[str, object] = {}
+
+
+def _init_worker(root: Path, held: HeldOut) -> None:
+    torch.set_num_threads(1)
+    family = load_family(root)
+    _WORKER.update(family=family, held=held, cache={}, ref=ReferenceStats.of(
+        family.classifier.embed(held.reference * 2.0 - 1.0).double().numpy()))
+
+
+def _worker_task_rows(task: GridTask, seed: int) -> list[dict[str, object]]:
+    return task_rows(_WORKER["family"], _WORKER["held"], task, seed, _WORKER["ref"],  # type: ignore[arg-type]
+                     _WORKER["cache"])  # type: ignore[arg-type]
 
 
 def write_csv(rows: list[dict[str, object]], path: Path) -> None:
@@ -607,14 +696,19 @@ def write_markdown(rows: list[dict[str, object]], meta: dict[str, object], chann
     lines = ["# `meg bench snr`: quality and semantics versus SNR", "",
              f"Mode {meta['mode']}: {meta['n_images']} held-out latents ({meta['source']}), model `{meta['model']}`, "
              f"seed {meta['seed']}, "
-             f"{meta['seconds']:.0f} s. References: the clean VAE decode of each latent. MS-SSIM: 3 scales, "
+             f"{meta['seconds']:.0f} s ({meta['seconds'] / 60:.1f} min, {meta.get('jobs', 1)} "
+             "worker processes on this 2-core machine). References: the clean VAE decode of each latent. MS-SSIM: 3 scales, "
              "7-pixel window (64×64 images). Accuracy: classifier gets shape, colour and background all right "
              "(prompt labels). FD: Fréchet distance of the classifier's features (FID-style, not Inception; "
              f"with few images it is noisy). Clean-decode accuracy (ceiling): {meta['clean_accuracy']:.2f}; "
              f"tiny decoder on clean latents: PSNR {meta['tiny_ceiling_psnr']:.1f} dB.", "",
              f"Reproduce: `{meta['command']}`. Digital schemes: the latent entropy-coded once per image, CRC + 5G "
              "LDPC (Sionna) + QAM; an image whose payload lost a block is concealed with a zero latent (erased "
-             "column in the CSV). Analog schemes: the same channel models, SNR relative to the measured power.", ""]
+             "column in the CSV). Analog schemes: the same channel models, SNR relative to the measured power."
+             + (f" Each digital scheme's cliff is measured again every {meta['cliff_step_db']:g} dB on the first "
+                f"{CLIFF_IMAGES} images ({meta['cliff_cells']} cells; `grid` = `cliff` in the CSV): the "
+                "adaptation table (`snr_adaptation.json`) uses those points too." if meta.get("cliff_cells") else ""),
+             ""]
     for ch in channels:
         lines += [f"## {ch.upper()}: PSNR (dB) / MS-SSIM / accuracy / FD", "",
                   "| scheme | channel uses/img (side info) | bits/img | " + " | ".join(f"{s:g} dB" for s in snrs) + " |",
@@ -689,7 +783,8 @@ def training_ranges(schemes: list[str], snrs: tuple[float, ...]) -> list[str]:
 
     weights = image_set_dir(DEFAULT_MODEL_DIR)
     parts = [("MEG (analog)", "robust decoder", tuple(ROBUST_RANGE))]
-    for label, model in (("JSCC (no merge)", "full"), ("E2E-MEG", "e2e"), ("E2E-MEG (fixed merge map)", "e2e_fixed")):
+    for label, model in (("JSCC (no merge)", "full"), ("E2E-MEG", "e2e"), ("E2E-MEG (fixed merge map)", "e2e_fixed"),
+                         ("E2E-MEG (learned merge)", "e2e_learned")):
         try:
             cfg = JsccNet.load(resolve_weights_file(model, "jscc_", ".safetensors", weights)).config
         except CodecError:
@@ -723,28 +818,35 @@ def merge_map_section(rows: list[dict[str, object]], channels: tuple[str, ...], 
         bits = plan_merge(256, 0.5, mode).side_bits
         sym = bits / SIDE_INFO_BITS_PER_SYMBOL
         out.append(f"| {mode} | {bits} | {sym:.0f} | {100 * sym / (uses + sym):.0f} % |")
-    fixed = [r for r in rows if r["scheme"] == "E2E-MEG (fixed merge map)"]
-    if fixed:
-        out += ["", "PSNR of E2E-MEG with the fixed map (its own trained link, nothing sent) minus E2E-MEG with the "
-                "global map (its bits not counted here), paired over the same images and noise, dB [95 % interval]:",
-                "", "| channel | " + " | ".join(f"{s:g} dB" for s in snrs) + " |", "|---|" + "---:|" * len(snrs)]
+    if any(r["scheme"] == LEARNED_MERGE for r in rows):
+        out.append(f"| learned (no merge stage: the JSCC network maps each token to one symbol) | 0 | 0 | 0 % |")
+    for other, what in (("E2E-MEG (fixed merge map)", "the fixed map (its own trained link, nothing sent)"),
+                        (LEARNED_MERGE, "learned merging (its own trained link, nothing sent)")):
+        if not any(r["scheme"] == other for r in rows):
+            continue
+        out += ["", f"PSNR of E2E-MEG with {what} minus E2E-MEG with the global map (its bits not counted here), "
+                "paired over the same images and noise, dB [95 % interval]:",
+                "", "| channel | " + " | ".join(f"{s:g} dB" for s in snrs) + " | worst |",
+                "|---|" + "---:|" * (len(snrs) + 1)]
         for ch in channels:
-            cells = []
+            cells, worst = [], math.inf
             for s in snrs:
-                a, b = _lookup(rows, "E2E-MEG", ch, s), _lookup(rows, "E2E-MEG (fixed merge map)", ch, s)
+                a, b = _lookup(rows, "E2E-MEG", ch, s), _lookup(rows, other, ch, s)
                 if a is None or b is None:
                     cells.append("–")
                     continue
                 d, lo, hi = paired_difference(a["_psnr"], b["_psnr"])  # type: ignore[arg-type]
+                worst = min(worst, d)
                 cells.append(f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
-            out.append(f"| {ch} | " + " | ".join(cells) + " |")
+            out.append(f"| {ch} | " + " | ".join(cells) + f" | {worst:+.2f} |")
     return out + [""]
 
 
 def run(quick: bool, out_dir: Path, *, n_images: int | None = None, snrs: tuple[float, ...] | None = None,
         channels: tuple[str, ...] = CHANNELS, schemes: list[str] | None = None, source: str | None = None,
         model_root: Path | None = None, seed: int = 0, progress: bool = True,
-        command: str = "meg bench snr", mode: str | None = None, envelope: bool = True) -> dict[str, object]:
+        command: str = "meg bench snr", mode: str | None = None, envelope: bool = True, jobs: int = 1,
+        cliff_step_db: float | None = None) -> dict[str, object]:
     """Run the benchmark and write ``snr.csv``, ``snr.png`` and ``snr.md`` under ``out_dir``.
 
     Quick: 54 latents (one per label combination), −5…20 dB. Full: 216 latents, −20…20 dB. ``schemes``
@@ -769,19 +871,29 @@ def run(quick: bool, out_dir: Path, *, n_images: int | None = None, snrs: tuple[
     if envelope:
         chosen += envelope_schemes(family, held.latents, max(budgets), payload_cache)
     logger.info("bench snr: %d latents, schemes %s, SNRs %s", n, [s.name for s in chosen], snr_list)
-    rows = run_grid(family, held, chosen, channels, snr_list, seed, progress, payload_cache)
+    rows = run_grid(family, held, chosen, channels, snr_list, seed, progress, payload_cache, jobs)
     rows += envelope_rows(rows, budgets)
+    cliffs: list[dict[str, object]] = []
+    if cliff_step_db:
+        # The adaptation table needs each digital cliff to within half a dB, not the 5 dB of the report's grid.
+        sub = HeldOut(held.latents[:CLIFF_IMAGES], held.reference[:CLIFF_IMAGES], held.labels[:CLIFF_IMAGES],
+                      held.source)
+        tasks = cliff_tasks(chosen, [r for r in rows if r["scheme"] in {s.name for s in chosen}], cliff_step_db)
+        logger.info("bench snr: %d digital cliffs measured again every %g dB on %d images", len(tasks),
+                    cliff_step_db, len(sub.latents))
+        cliffs = run_tasks(family, sub, tasks, seed, progress, payload_cache, jobs)
     clean = score(family, held, held.reference)
     tiny = score(family, held, decode_latents(family.decoders["tiny_decoder"], held.latents)) \
         if "tiny_decoder" in family.decoders else {"psnr_db": float("nan")}
-    meta = {"n_images": n, "source": held.source, "model": root.name, "seed": seed, "budgets": budgets,
+    meta = {"n_images": n, "source": held.source, "model": root.name, "seed": seed, "budgets": budgets, "jobs": jobs,
+            "cliff_step_db": cliff_step_db, "cliff_cells": len(cliffs),
             "seconds": time.monotonic() - t0, "clean_accuracy": clean["accuracy"],
             "tiny_ceiling_psnr": tiny["psnr_db"], "quick": quick, "command": command,
             "mode": mode or ("quick" if quick else "full")}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "snr.csv", "png": out_dir / "snr.png", "md": out_dir / "snr.md",
              "adaptation": out_dir / "snr_adaptation.json"}
-    write_csv(rows, paths["csv"])
+    write_csv(rows + cliffs, paths["csv"])
     # The link-adaptation table of codec "auto" (copy it into the model's codec set to serve it).
     paths["adaptation"].write_text(table_from_snr_csv(paths["csv"]).to_json())
     shown = [r for r in rows if not r.get("_envelope")]  # envelope members: in the CSV, summarised by the envelope
@@ -803,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         n_images, source, snrs = n_images or SMOKE_IMAGES, source or "vae", snrs or SMOKE_SNRS_DB
     run(args.quick or args.smoke, args.out, n_images=n_images, snrs=snrs, channels=tuple(args.channels or CHANNELS),
         schemes=args.schemes, source=source, seed=args.seed, progress=not args.no_progress,
-        mode="smoke" if args.smoke else None,
+        mode="smoke" if args.smoke else None, jobs=args.jobs, cliff_step_db=None if args.smoke else 0.5,
         command=" ".join(["meg bench snr", *(argv if argv is not None else sys.argv[1:])]))
     return 0
 

@@ -42,6 +42,11 @@ class _Session:
     spec: ChannelSpec
     generator: object
     uplinks: list[UplinkResult] = field(default_factory=list)
+    opened: float = field(default_factory=time.monotonic)
+
+    def link_now(self) -> ChannelSpec:
+        """The link as it is now: an SNR trace runs from the session's opening."""
+        return self.spec.at(1e3 * (time.monotonic() - self.opened))
 
 
 class LlmSessionProxy:
@@ -74,6 +79,7 @@ class LlmSessionProxy:
         session = self._open(first, ctx)
         snr_db, pilots = self.link.probe(session.spec, session.generator)
         if snr_db is not None:
+            self.metrics.link_snr_estimate_db.labels(self.service, session.spec.model).set(snr_db)
             first.open.csi.CopyFrom(meg_pb2.ChannelStateInfo(snr_estimate_db=snr_db, pilot_symbols=pilots,
                                                              age_ms=session.spec.link.feedback_delay_ms))
         remaining = ctx.time_remaining()
@@ -99,9 +105,9 @@ class LlmSessionProxy:
 
     async def _uplink(self, messages: AsyncIterator[meg_pb2.SessionUp], call: grpc.aio.StreamStreamCall,
                       session: _Session) -> None:
-        spec = session.spec
         async for message in messages:
             if message.WhichOneof("msg") == "token":
+                spec = session.link_now()
                 sent = message.token.token_id.to_bytes(4, "little", signed=True)
                 up = await _on_link(spec, self.link.send_control, spec, sent, session.generator)
                 await _pace(up.airtime_s(spec) + spec.link.delay_ms / 1000.0)
@@ -113,7 +119,7 @@ class LlmSessionProxy:
         await call.done_writing()
 
     async def _downlink(self, down: meg_pb2.SessionDown, session: _Session) -> meg_pb2.SessionDown:
-        spec, hidden = session.spec, down.hidden
+        spec, hidden = session.link_now(), down.hidden
         try:
             payload = framing.payload_of_hidden(hidden)
         except framing.StreamError as exc:
@@ -137,6 +143,8 @@ class LlmSessionProxy:
                                                      airtime_ms=1e3 * up.airtime_s(spec)))
         labels = self.metrics.labels("-", "-", spec.model, spec.snr_db)
         self.metrics.request_symbols.labels(**labels).observe(link.symbols)
+        if spec.snr_db is not None:
+            self.metrics.link_snr_db.labels(self.service, spec.model).set(spec.snr_db)
         return meg_pb2.SessionDown(hidden=out)
 
 

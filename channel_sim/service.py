@@ -111,6 +111,7 @@ class LinkWork:
     request: meg_pb2.GenerateRequest
     spec: ChannelSpec
     probe_pilots: int = 0
+    arrived: float = field(default_factory=time.monotonic)  # an SNR trace runs from here
 
 
 @dataclass
@@ -155,6 +156,9 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
             self.metrics.error(exc.label)
             raise
         ctx.labels["codec"] = received.header.codec_id
+        # The payload leaves now, after the edge's compute: on a changing channel the SNR it meets is the
+        # trace's value now, not the one the CSI estimate saw on arrival.
+        work.spec = work.spec.at(1e3 * (time.monotonic() - work.arrived))
         choice = received.header.choice
         if choice.fec:  # the edge's link adaptation chose a digital scheme: its transceiver applies
             try:
@@ -176,6 +180,7 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
         if snr_db is None:
             return 0
         delay_ms = work.spec.link.feedback_delay_ms
+        self.metrics.link_snr_estimate_db.labels(self.service, work.spec.model).set(snr_db)
         work.request.csi.CopyFrom(meg_pb2.ChannelStateInfo(snr_estimate_db=snr_db, pilot_symbols=pilots,
                                                            age_ms=delay_ms))
         await asyncio.sleep(delay_ms / 1000.0)
@@ -216,6 +221,8 @@ class ChannelApi(StreamingApi[meg_pb2.GenerateRequest, LinkWork, Delivery, meg_p
         self.metrics.observe_stage(labels, "airtime", airtime_s)
         self.metrics.observe_stage(labels, "channel", channel_s)
         self.metrics.request_symbols.labels(**labels).observe(link.symbols)
+        if spec.snr_db is not None:
+            self.metrics.link_snr_db.labels(self.service, spec.model).set(spec.snr_db)
         if link.payload.kind == "digital":
             self.metrics.payload_bytes.labels(**labels).observe(d.received.payload.bits_sent / 8)
             if spec.snr_db is not None and link.symbols:

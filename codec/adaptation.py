@@ -26,6 +26,8 @@ from codec.base import CodecError
 
 #: The ``codec`` value that asks the edge to choose.
 AUTO = "auto"
+#: Expected qualities this close to the best count as a tie, broken by fewer channel uses.
+TIE_DB = 0.1
 #: File name of the table inside a codec set folder.
 TABLE_FILE = "adaptation.json"
 
@@ -63,7 +65,8 @@ class AdaptationTable:
     margin_db: float = 1.0
 
     def choose(self, channel: str, snr_estimate_db: float | None, budget_symbols: float | None = None) -> Choice:
-        """The scheme with the highest expected quality that fits ``budget_symbols`` (ties: fewer channel uses).
+        """The scheme with the highest expected quality that fits ``budget_symbols`` (within :data:`TIE_DB` of
+        it: the one with the fewest channel uses).
 
         ``snr_estimate_db`` None means a noiseless link: every scheme is judged at its best SNR.
         """
@@ -81,7 +84,10 @@ class AdaptationTable:
                 return max(s.snr_db)
             return snr_estimate_db - (self.margin_db if s.kind == "digital" else 0.0)
 
-        best = max(fits, key=lambda s: (round(s.expected(judged_at(s)), 3), -s.symbols))
+        top = max(s.expected(judged_at(s)) for s in fits)
+        # Within TIE_DB of the best, the scheme with the fewest channel uses: 0.001 dB is not worth 20× the airtime.
+        near = [s for s in fits if s.expected(judged_at(s)) >= top - TIE_DB]
+        best = min(near, key=lambda s: (s.symbols, -s.expected(judged_at(s))))
         expected = best.expected(judged_at(best))
         at = "a noiseless link" if snr_estimate_db is None else f"estimated {snr_estimate_db:.1f} dB"
         runner_up = max((s for s in fits if s is not best), key=lambda s: s.expected(judged_at(s)), default=None)
@@ -113,7 +119,8 @@ class AdaptationTable:
 #: How the SNR benchmark's scheme names map to codecs and digital link settings.
 #: The analog schemes of ``meg bench snr`` by name; digital ones are parsed from their names.
 ANALOG_SCHEMES: dict[str, str] = {"MEG (analog)": "analog", "JSCC (no merge)": "jscc", "E2E-MEG": "e2e-meg",
-                                  "E2E-MEG (fixed merge map)": "e2e-meg-fixed"}
+                                  "E2E-MEG (fixed merge map)": "e2e-meg-fixed",
+                                  "E2E-MEG (learned merge)": "e2e-meg-learned"}
 _DIGITAL_NAME = re.compile(r"^(?P<codec>\S+?)(?: q(?P<q>\d+))?(?P<fec>\+LDPC | uncoded )(?P<mod>QPSK|16QAM|64QAM)"
                            r"(?: r(?P<num>\d+)/(?P<den>\d+))?$")
 

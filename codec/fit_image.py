@@ -42,6 +42,7 @@ from codec.image_sets import (
     ADOPT_COMMAND, FIT_COMMAND, adopt_image_set, image_set_dir, refresh_image_set_config, sanitize_set_name,
 )
 from codec.sets import CONFIG_FILE, IMAGE_SOURCE
+from codec.train_jscc import VARIANTS as JSCC_VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ DEFAULT_GAINED_STEPS = 4000
 #: The coder the testbed serves at low rate: trained longer (its curve still moved from 2000 to 4000 steps).
 DEFAULT_NATIVE_STEPS = 8000
 LATENTS_FILE = "latents.pt"
+#: The JSCC links of the set, each a part of its own (``--redo jscc_e2e_learned``).
+JSCC_LINKS = tuple(JSCC_VARIANTS)
 
 
 def load_prompts(path: Path | None) -> list[str]:
@@ -160,7 +163,7 @@ def log_budget(args: argparse.Namespace, pairs: list[tuple[str, str]], todo: lis
         ", ".join(todo) or "none", args.latents + args.test_latents, args.sampling_steps, len(pairs), coder_steps,
         args.jobs, len([d for d in args.gained_domains.split(",") if d]) if "gained" in todo else 0,
         args.gained_steps, args.gained_steps * 0.075 / 60, args.native_steps if "gained" in todo else 0,
-        "+".join(n for n in ("jscc_full", "jscc_e2e", "jscc_e2e_fixed") if n in todo) or "none", args.jscc_latent_steps,
+        "+".join(n for n in JSCC_LINKS if n in todo) or "none", args.jscc_latent_steps,
         args.jscc_steps, args.jscc_minutes)
 
 
@@ -182,10 +185,9 @@ def fit_image_codec_set(args: argparse.Namespace) -> Path:
     pairs = parse_pairs(args.pairs)
     files = {"fcm": out / f"fcm_{set_name}.json", "dtufc": out / f"dtufcclip_{set_name}.safetensors",
              "learned": out / f"learned_{set_name}.json", "gained": out / f"learned_{set_name}.json",
-             "jscc_full": out / "jscc_full.safetensors", "jscc_e2e": out / "jscc_e2e.safetensors",
-             "jscc_e2e_fixed": out / "jscc_e2e_fixed.safetensors"}
+             **{name: out / f"{name}.safetensors" for name in JSCC_LINKS}}
     gained_domains = [d for d in args.gained_domains.split(",") if d]
-    skip = (set() if args.jscc else {"jscc_full", "jscc_e2e", "jscc_e2e_fixed"})
+    skip = (set() if args.jscc else set(JSCC_LINKS))
     skip |= set() if gained_domains or args.native_steps else {"gained"}
     redo = set(args.redo.split(",")) - {""}
     todo = [part for part, path in files.items()
@@ -233,7 +235,7 @@ def fit_image_codec_set(args: argparse.Namespace) -> Path:
             **common, "method": "codec.train_gained.train_set_coders", "domains": gained_domains,
             "steps": args.gained_steps, "native_steps": args.native_steps, "rate_monotonic": rate_monotonic(stats),
             "heldout_bpfp": {k: v["heldout_est_bpfp"] for k, v in stats.items()}}, set_name=set_name)
-    jscc = [name for name in ("jscc_full", "jscc_e2e", "jscc_e2e_fixed") if name in todo]
+    jscc = [name for name in JSCC_LINKS if name in todo]
     if jscc:
         train_jscc_links(model_dir, out, train, test, jscc, args.jscc_latent_steps, args.jscc_steps,
                          args.jscc_minutes, args.seed)

@@ -233,3 +233,7 @@ register_preset("e2e-meg", "merge+jscc",
 register_preset("e2e-meg-fixed", "merge+jscc",
                 "E2E-MEG with a fixed merge map (each token into its neighbour): no merge map to send",
                 merge_ratio="0.5", merge_map="fixed", jscc_model="jscc_e2e_fixed")
+register_preset("e2e-meg-learned", "jscc",
+                "E2E-MEG with learned merging: the JSCC network maps each latent token to one symbol (0.25 symbols "
+                "a value, like e2e-meg) and pools neighbours itself; no merge map to send",
+                jscc_model="jscc_e2e_learned")

@@ -35,10 +35,16 @@ from radio import build_block
 
 logger = logging.getLogger(__name__)
 
-#: The two committed links: weights name → merge ratio (0 = no merging).
-VARIANTS: dict[str, float] = {"jscc_full": 0.0, "jscc_e2e": 0.5, "jscc_e2e_fixed": 0.5}
+#: The committed links: weights name → merge ratio (0 = no merging stage).
+VARIANTS: dict[str, float] = {"jscc_full": 0.0, "jscc_e2e": 0.5, "jscc_e2e_fixed": 0.5, "jscc_e2e_learned": 0.0}
 #: The merge map a variant is trained with (``codec.merging``); the others use the global one.
 MERGE_MAPS: dict[str, str] = {"jscc_e2e_fixed": "fixed"}
+#: Complex symbols per latent token where a variant differs from ``--symbols-per-token``, and its 1-D
+#: dilations. ``jscc_e2e_learned`` is learned merging: no merge stage and no map to send, the network itself
+#: maps each token's 4 values to one symbol (E2E-MEG's 256 channel uses per 16×16 latent) and its dilations
+#: reach the token above (16 apart in raster order), so it can pool what the global merge map pools.
+SYMBOLS_PER_TOKEN: dict[str, int] = {"jscc_e2e_learned": 1}
+DILATIONS: dict[str, tuple[int, ...]] = {"jscc_e2e_learned": (1, 2, 4, 8, 16, 1, 16)}
 SNR_RANGE_DB = (-20.0, 20.0)  # the range `meg bench snr` sweeps (issue 16: training and bench agree)
 
 
@@ -112,7 +118,9 @@ def train_variant(name: str, ratio: float, latents: torch.Tensor, targets: torch
     ``--minutes`` pass.
     """
     torch.manual_seed(args.seed)
-    net = JsccNet(in_channels=latents.shape[1], hidden=args.hidden, symbols_per_token=args.symbols_per_token,
+    net = JsccNet(in_channels=latents.shape[1], hidden=args.hidden,
+                  symbols_per_token=SYMBOLS_PER_TOKEN.get(name, args.symbols_per_token),
+                  dilations=DILATIONS.get(name, (1, 2, 4, 8, 1)),
                   merge_ratio=ratio, snr_range_db=list(SNR_RANGE_DB), decoder=args.decoder).to(device)
     total = args.latent_steps + args.steps
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-5)

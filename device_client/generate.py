@@ -248,4 +248,6 @@ def channel_echo(spec: ChannelSpec, report: meg_pb2.ChannelReport) -> dict[str, 
     """The link as it was applied: the request's validated channel with its defaults filled in."""
     echo = spec.to_mapping()
     echo["modulation"] = report.modulation or echo.get("modulation")
+    if spec.link.trace is not None:  # the SNR the payload met when it left (the trace moves on meanwhile)
+        echo["snr_applied_db"] = report.snr_db
     return echo

@@ -8,7 +8,7 @@ validation the channel emulator applies. Requests are strict: a string where a n
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
@@ -18,6 +18,7 @@ from codec.adaptation import AUTO
 from codec.sets import IMAGE_SOURCE
 from codec.registry import check_request_params
 from radio import ChannelError, ChannelSpec, channel_names
+from radio.params import MAX_LIST_LENGTH
 from radio.spec import schema_fields
 
 MAX_PROMPT_CHARS = 500
@@ -25,10 +26,12 @@ STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 def _channel_field(spec: Any, models: list[str]) -> tuple[Any, Any]:
-    kind: Any = {float: float, int: int, str: str}[spec.kind]
+    bounds = {} if spec.kind is str else {k: v for k, v in (("ge", spec.lo), ("le", spec.hi)) if v is not None}
+    kind: Any = {float: float, int: int, str: str, list: list[Annotated[float, Field(**bounds)]]}[spec.kind]
     if spec.choices:
         kind = Literal[spec.choices]  # type: ignore[valid-type]
-    bounds = {} if spec.kind is str else {k: v for k, v in (("ge", spec.lo), ("le", spec.hi)) if v is not None}
+    if spec.kind is list:
+        bounds = {"min_length": 1, "max_length": MAX_LIST_LENGTH}
     takes = "" if set(models) == set(channel_names()) else f" [{', '.join(models)}]"
     default = f"; default {spec.default}" if spec.default not in (None, "") else ""
     return kind | None, Field(None, description=f"{spec.help}{default}{takes}", **bounds)

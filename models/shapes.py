@@ -172,8 +172,9 @@ def sample(seed: int) -> ShapeSample:
     return sample_combination(color, shape, background, seed)
 
 
-def heldout_set(n: int) -> list[tuple[str, int]]:
-    """``n`` held-out ``(caption, seed)`` pairs cycling through all 54 combinations.
+def heldout_set(n: int, start: int = 0) -> list[tuple[str, int]]:
+    """``n`` held-out ``(caption, seed)`` pairs cycling through all 54 combinations, from the ``start``-th on
+    (two benchmarks that must not share images take disjoint ranges).
 
     Balanced by construction (every combination appears ``n // 54`` or ``n // 54 + 1`` times)
     so per-attribute accuracies are not skewed. Seeds start at :data:`HELDOUT_SEED_BASE` and
@@ -181,7 +182,7 @@ def heldout_set(n: int) -> list[tuple[str, int]]:
     :func:`heldout_sample`; use the same seed as the generation noise seed.
     """
     pairs = []
-    for i in range(n):
+    for i in range(start, start + n):
         color, shape, background = COMBINATIONS[i % len(COMBINATIONS)]
         pairs.append((make_caption(color, shape, background), HELDOUT_SEED_BASE + i))
     return pairs

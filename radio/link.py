@@ -119,6 +119,9 @@ UPLINK_MODULATION = "qpsk"
 UPLINK_CODE_RATE = 0.2
 UPLINK_GRANULE_BYTES = 4
 UPLINK_MAX_ATTEMPTS = 16
+#: Coherence blocks a fading link's SNR probe averages over, and the longest block it simulates whole.
+PROBE_BLOCKS = 8
+PROBE_SPAN_CAP = 4096
 
 
 def _bit_errors(sent: bytes, received: bytes) -> int:
@@ -212,13 +215,19 @@ class Link:
 
     def probe(self, spec: ChannelSpec, generator: torch.Generator | None = None) -> tuple[float | None, int]:
         """What the receiver can feed back before a transmission: (SNR estimate in dB, pilot symbols spent).
-        Perfect CSI reports the configured SNR for free; estimated CSI sends one block of pilots."""
+
+        Perfect CSI reports the configured SNR for free. Estimated CSI sends ``pilots`` per coherence block;
+        over :data:`PROBE_BLOCKS` blocks (the pilots of a frame), because what adaptation needs is the mean
+        SNR (on a fading channel one block's gain says little about the next ones') and a receiver averages
+        what it has seen."""
         if spec.noiseless:
             return None, 0
         if spec.link.csi == "perfect":
             return spec.snr_db, 0
         block = spec.block()
-        pilots = torch.ones(1, spec.link.pilots, dtype=torch.complex64)
-        out = block.transmit(pilots, generator)
-        est = csi.estimate(block, out, spec.link.pilots, generator)
-        return est.snr_db, spec.link.pilots
+        pilots = spec.link.pilots
+        span = min(csi.coherence_of(block, pilots), PROBE_SPAN_CAP) * PROBE_BLOCKS if block.fading else pilots
+        out = block.transmit(torch.ones(1, span, dtype=torch.complex64), generator)
+        # A channel without fading is one block: the probe's pilots all go into it.
+        est = csi.estimate(block, out, pilots if block.fading else pilots * PROBE_BLOCKS, generator)
+        return est.snr_db, est.pilot_symbols

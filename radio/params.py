@@ -22,7 +22,7 @@ class FieldSpec:
     """What one parameter accepts."""
 
     name: str
-    kind: type                      # float, int or str
+    kind: type                      # float, int, str, or list (a list of floats, each within lo..hi)
     help: str
     lo: float | None = None
     hi: float | None = None
@@ -59,6 +59,8 @@ def check_value(spec: FieldSpec, value: Any, prefix: str = "channel") -> Any:
         if spec.required:
             raise ChannelError(f"{where}: required")
         return None
+    if spec.kind is list:
+        return _check_list(spec, value, where)
     if spec.kind is str:
         if not isinstance(value, str):
             raise ChannelError(f"{where}: must be a string, got {value!r}")
@@ -79,6 +81,19 @@ def check_value(spec: FieldSpec, value: Any, prefix: str = "channel") -> Any:
         raise ChannelError(f"{where}: {value:g}{spec.unit and ' ' + spec.unit} is outside "
                            f"[{spec.lo:g}, {spec.hi:g}]")
     return value
+
+
+#: The longest list a list-valued parameter takes (an SNR trace of an hour at 1 s steps fits).
+MAX_LIST_LENGTH = 4096
+
+
+def _check_list(spec: FieldSpec, value: Any, where: str) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ChannelError(f"{where}: must be a list of numbers, got {value!r}")
+    if not 1 <= len(value) <= MAX_LIST_LENGTH:
+        raise ChannelError(f"{where}: must hold 1 to {MAX_LIST_LENGTH} values, got {len(value)}")
+    item = dataclasses.replace(spec, kind=float)
+    return tuple(check_value(item, v, where.rsplit(".", 1)[0]) for v in value)
 
 
 def validate_fields(obj: Any, prefix: str = "channel") -> None:

@@ -15,6 +15,7 @@ from radio.block import ChannelBlock, ChannelParams
 from radio.channels import CHANNELS, build_block
 from radio.modulation import MODULATIONS
 from radio.params import ChannelError, build_params, field_specs, param, validate_fields
+from radio.trace import DEFAULT_STEP_MS, PROFILES, profile_trace, snr_at
 
 #: Names of fields that belong to the link rather than to the channel model.
 DIGITAL_FIELDS = ("modulation", "fec", "code_rate")
@@ -38,12 +39,29 @@ class LinkParams:
     pilots: int = param(8, kind=int, lo=1, hi=1024, help="pilot symbols per coherence block (with csi=estimated)")
     feedback_delay_ms: float = param(0.0, lo=0.0, hi=10_000.0, unit="ms",
                                      help="delay before the receiver's channel estimate reaches the transmitter")
+    snr_trace_db: tuple[float, ...] | None = param(None, kind=list, lo=-60.0, hi=80.0, unit="dB",
+                                                   help="SNR over time, one value per trace_step_ms from the "
+                                                        "request's arrival (replaces snr_db)")
+    snr_profile: str | None = param(None, kind=str, choices=tuple(PROFILES),
+                                    help="a named SNR trace: " + ", ".join(PROFILES) + " (replaces snr_db)")
+    trace_step_ms: float = param(DEFAULT_STEP_MS, lo=0.1, hi=3.6e6, unit="ms",
+                                 help="time each value of the SNR trace holds")
 
     def validate(self) -> "LinkParams":
         validate_fields(self)
         if self.code_rate is not None and self.fec != "ldpc":
             raise ChannelError("channel.code_rate: only with fec=ldpc")
+        if self.snr_profile is not None and self.snr_trace_db is not None \
+                and self.snr_trace_db != profile_trace(self.snr_profile):
+            raise ChannelError("channel.snr_profile: give a profile or an snr_trace_db, not both")
         return self
+
+    @property
+    def trace(self) -> tuple[float, ...] | None:
+        """The SNR trace this link follows (a profile expanded), None for a constant SNR."""
+        if self.snr_trace_db is not None:
+            return self.snr_trace_db
+        return profile_trace(self.snr_profile) if self.snr_profile is not None else None
 
     @property
     def ldpc_rate(self) -> float:
@@ -73,9 +91,25 @@ class ChannelSpec:
         link_names = {s.name for s in field_specs(LinkParams)}
         link_values = {k: v for k, v in values.items() if k in link_names}
         model_values = {k: v for k, v in values.items() if k not in link_names}
-        params = build_params(CHANNELS.get(model).Params, model_values, owner=f"the {model} channel")
         link = build_params(LinkParams, link_values, owner="the link").validate()
+        if link.trace is not None:
+            # A trace replaces the constant SNR: the model's snr_db is the trace's value at the start.
+            named = "snr_profile" if link.snr_profile is not None else "snr_trace_db"
+            if CHANNELS.get(model).noiseless:
+                raise ChannelError(f"channel.{named}: the {model} channel has no SNR to vary")
+            if "snr_db" in model_values:
+                raise ChannelError(f"channel.{named}: give snr_db or an SNR trace, not both")
+            model_values["snr_db"] = link.trace[0]
+        params = build_params(CHANNELS.get(model).Params, model_values, owner=f"the {model} channel")
         return cls(model, params, link)
+
+    def at(self, t_ms: float) -> "ChannelSpec":
+        """The link as it is ``t_ms`` after the start of its SNR trace (itself when the SNR is constant)."""
+        trace = self.link.trace
+        if trace is None:
+            return self
+        return ChannelSpec(self.model, dataclasses.replace(self.params, snr_db=snr_at(
+            trace, self.link.trace_step_ms, t_ms)), self.link)
 
     def with_digital_link(self, modulation: str, fec: str, code_rate: float | None) -> "ChannelSpec":
         """The same link with another digital transceiver (what link adaptation chose), validated."""
@@ -118,18 +152,28 @@ class ChannelSpec:
             msg.code_rate = link.code_rate
         if link.seed is not None:
             msg.seed = link.seed
+        msg.csi = link.csi
+        msg.pilots = link.pilots
+        msg.feedback_delay_ms = link.feedback_delay_ms
+        if link.trace is not None:
+            msg.snr_trace_db.extend(link.trace)
+            msg.trace_step_ms = link.trace_step_ms
+            del msg.params["snr_db"]  # the trace carries the SNR
         return msg
 
     @classmethod
     def from_proto(cls, msg: Any) -> "ChannelSpec":
         """Parse and validate a ``meg.v1.ChannelSpec``; raises :class:`ChannelError` naming the field."""
         values: dict[str, Any] = {"model": msg.model or "ideal", **dict(msg.params)}
-        for name in ("bandwidth_hz", "delay_ms", "code_rate", "seed"):
+        for name in ("bandwidth_hz", "delay_ms", "code_rate", "seed", "pilots", "feedback_delay_ms",
+                     "trace_step_ms"):
             if msg.HasField(name):
                 values[name] = getattr(msg, name)
-        for name in ("modulation", "fec"):
+        for name in ("modulation", "fec", "csi"):
             if getattr(msg, name):
                 values[name] = getattr(msg, name)
+        if msg.snr_trace_db:
+            values["snr_trace_db"] = list(msg.snr_trace_db)
         return cls.from_mapping(values)
 
 
@@ -146,7 +190,8 @@ def schema_fields() -> dict[str, list[Any]]:
 
 #: Link parameters that only matter when the channel can corrupt symbols (receiver CSI) or that choose the
 #: digital transceiver, which a noiseless channel makes moot except for airtime.
-NOISY_LINK_FIELDS = ("modulation", "fec", "code_rate", "csi", "pilots", "feedback_delay_ms")
+NOISY_LINK_FIELDS = ("modulation", "fec", "code_rate", "csi", "pilots", "feedback_delay_ms", "snr_trace_db",
+                     "snr_profile", "trace_step_ms")
 
 
 def describe_channel(model: str) -> dict[str, Any]:

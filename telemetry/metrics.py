@@ -42,6 +42,8 @@ METRIC_NAMES = (
     "meg_llm_ttft_seconds",
     "meg_llm_tpot_seconds",
     "meg_llm_token_payload_bytes",
+    "meg_link_snr_db",
+    "meg_link_snr_estimate_db",
 )
 
 _REQUEST_LABELS = ("service", "model", "codec", "channel", "snr_bucket")
@@ -112,6 +114,13 @@ class MegMetrics:
         self.llm_token_bytes = Histogram(
             "meg_llm_token_payload_bytes", "Payload bytes of one decode step's hidden state over the air",
             _REQUEST_LABELS, buckets=TOKEN_BYTES_BUCKETS, registry=r)
+        # The link as it is now: the SNR applied to the last transmission (it follows an SNR trace) and the
+        # receiver's last estimate fed back to the edge (pilots, with estimation error), per channel model.
+        self.link_snr_db = Gauge(
+            "meg_link_snr_db", "SNR the link applied to its last transmission", ("service", "channel"), registry=r)
+        self.link_snr_estimate_db = Gauge(
+            "meg_link_snr_estimate_db", "The receiver's last SNR estimate, fed back to the transmitter",
+            ("service", "channel"), registry=r)
         # Make the unlabelled gauges visible from the first scrape, so dashboards show 0 rather than "no data".
         self.in_flight.labels(self.service).set(0)
         self.queue_depth.labels(self.service).set(0)

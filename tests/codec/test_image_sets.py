@@ -217,7 +217,7 @@ def test_meg_train_codecs_image_smoke_on_a_tiny_model(tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     assert config["source"] == IMAGE_SOURCE and config["set_name"] == "tiny"
     assert set(config["made_by"]["parts"]) == {"fcm+dtufc", "learned", "gained", "jscc_full", "jscc_e2e",
-                                               "jscc_e2e_fixed"}
+                                               "jscc_e2e_fixed", "jscc_e2e_learned"}
     assert "sampler final latents" in config["made_by"]["parts"]["learned"]["features"]
     assert set(config["made_by"]["parts"]["learned"]["rate_monotonic"]) == {"factorized.identity", "hyperprior.identity"}
     assert set(config["made_by"]["parts"]["gained"]["rate_monotonic"]) == {"gained.fcm", "gained.dtufc-pwl",
@@ -226,7 +226,7 @@ def test_meg_train_codecs_image_smoke_on_a_tiny_model(tmp_path: Path) -> None:
     assert latents.shape == (8, 4, 8, 8)  # the backend's final latents, the shape the edge sends
     x = {"latents": latents[:1]}
     for name in ("factorized", "hyperprior", "fcm+gained", "dtufc-pwl+gained", "gained-native", "jscc", "e2e-meg",
-                 "e2e-meg-fixed"):
+                 "e2e-meg-fixed", "e2e-meg-learned"):
         c = codec.build_codec(name, {"channel_snr_db": "10"}, folder)
         assert c.decode(c.encode(x))["latents"].shape == x["latents"].shape
     # Resumable: a second run finds every part and leaves the set as it is.

@@ -51,7 +51,8 @@ def test_bench_snr_smoke(tmp_path: Path) -> None:
     schemes = list(dict.fromkeys(r["scheme"] for r in rows))
     expected = ["raw-fp16 uncoded QPSK", "hyperprior+LDPC QPSK r1/2", "hyperprior+LDPC 16QAM r2/3", "MEG (analog)"]
     expected += [label for model, label in (("jscc_full", "JSCC (no merge)"), ("jscc_e2e", "E2E-MEG"),
-                                            ("jscc_e2e_fixed", "E2E-MEG (fixed merge map)"))
+                                            ("jscc_e2e_fixed", "E2E-MEG (fixed merge map)"),
+                                            ("jscc_e2e_learned", "E2E-MEG (learned merge)"))
                  if (PACKAGE_WEIGHTS / f"{model}.safetensors").is_file()]
     assert schemes == expected
     n_cells = len(snr_bench.CHANNELS) * len(snr_bench.SMOKE_SNRS_DB)
@@ -158,3 +159,31 @@ def test_bench_universal_smoke(tmp_path: Path) -> None:
     (out / "universal.md").unlink()
     run_cli("universal", "--report-only", "--out", str(out))
     assert (out / "universal.md").read_text() == md
+
+
+def test_bench_adapt_smoke(tmp_path: Path) -> None:
+    import json
+
+    run_cli("adapt", "--smoke", "--jobs", "1", "--out", str(tmp_path), "--schemes", "JSCC (no merge)",
+            "gained-native q1+LDPC QPSK r1/2", "gained-native q4+LDPC 16QAM r1/2")
+    for name in ("adapt.csv", "adapt.json", "adapt.md", "adapt.png"):
+        assert (tmp_path / name).is_file(), name
+    out = json.loads((tmp_path / "adapt.json").read_text())
+    sweep = out["sweep"]
+    fixed = {r["scheme"] for r in sweep if r["scheme"] != "auto"}
+    assert fixed == {"JSCC (no merge)", "gained-native q1+LDPC QPSK r1/2", "gained-native q4+LDPC 16QAM r1/2"}
+    for ch in ("awgn", "rayleigh"):
+        for snr in (-5.0, 25.0):
+            cell = [r for r in sweep if r["channel"] == ch and r["snr_db"] == snr]
+            auto = next(r for r in cell if r["scheme"] == "auto")
+            best = max((r for r in cell if r["scheme"] != "auto"), key=lambda r: r["psnr_db"])
+            # auto's image is one of the fixed schemes' images under the same noise: the paired difference to
+            # the best is what the two means differ by, and auto never beats the best mean by more than luck.
+            assert auto["minus_best_db"] == pytest.approx(auto["psnr_db"] - best["psnr_db"], abs=1e-6)
+            assert auto["best_fixed_scheme"] == best["scheme"]
+            assert set(json.loads(auto["chosen"])) <= fixed
+    low = next(r for r in sweep if r["channel"] == "awgn" and r["snr_db"] == -5.0 and r["scheme"] == "auto")
+    assert set(json.loads(low["chosen"])) == {"JSCC (no merge)"}  # below every digital cliff: analog
+    traces = {(t["channel"], t["trace"]) for t in out["traces"]}
+    assert traces == {(ch, tr) for ch in ("awgn", "rayleigh") for tr in ("walk-away", "tunnel")}
+    assert "## Verdict" in (tmp_path / "adapt.md").read_text()

@@ -50,3 +50,24 @@ def test_auto_respects_a_channel_use_budget(testbed) -> None:  # type: ignore[no
 def test_auto_refuses_what_it_would_choose(testbed, fields: dict, field: str) -> None:  # type: ignore[no-untyped-def]
     r = generate(testbed, **fields)
     assert r.status_code == 422 and r.json()["detail"].startswith(field), r.text
+
+
+def test_estimated_csi_reaches_the_emulator_and_a_trace_moves_while_the_edge_computes(testbed) -> None:  # type: ignore[no-untyped-def]
+    estimated = generate(testbed, channel={"model": "awgn", "snr_db": 10.0, "csi": "estimated"})
+    assert estimated.status_code == 200, estimated.text
+    snr_estimate = estimated.json()["codec_choice"]["snr_estimate_db"]
+    assert snr_estimate != 10.0 and abs(snr_estimate - 10.0) < 6.0  # from pilots: close, never exact
+
+    # The link is at 25 dB when the request arrives and at -10 dB one millisecond later, long before the edge
+    # has denoised: auto chooses a digital scheme for 25 dB and the payload meets -10 dB.
+    stale = generate(testbed, channel={"model": "awgn", "snr_trace_db": [25.0, -10.0], "trace_step_ms": 1.0},
+                     codec_params={"budget_symbols": "1000"})
+    assert stale.status_code == 200, stale.text
+    out = stale.json()
+    assert out["codec_choice"]["snr_estimate_db"] == 25.0 and out["codec_choice"]["link"] is not None
+    assert out["channel"]["snr_applied_db"] == -10.0 and out["channel"]["snr_trace_db"] == [25.0, -10.0]
+    assert out["codec_choice"]["link"]["fec"] == "ldpc"
+    assert out["concealed"] is True, str(out)  # the stale estimate's price: the digital payload did not survive
+    scraped = httpx.get(f"http://127.0.0.1:{testbed.channel_metrics_port}/metrics", timeout=5).text
+    assert 'meg_link_snr_db{channel="awgn",service="channel"} -10.0' in scraped
+    assert 'meg_link_snr_estimate_db{channel="awgn",service="channel"} 25.0' in scraped

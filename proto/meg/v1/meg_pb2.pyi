@@ -17,7 +17,7 @@ PAYLOAD_KIND_DIGITAL: PayloadKind
 PAYLOAD_KIND_ANALOG: PayloadKind
 
 class ChannelSpec(_message.Message):
-    __slots__ = ("model", "params", "bandwidth_hz", "delay_ms", "modulation", "seed", "fec", "code_rate")
+    __slots__ = ("model", "params", "bandwidth_hz", "delay_ms", "modulation", "seed", "fec", "code_rate", "csi", "pilots", "feedback_delay_ms", "snr_trace_db", "trace_step_ms")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,11 @@ class ChannelSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     FEC_FIELD_NUMBER: _ClassVar[int]
     CODE_RATE_FIELD_NUMBER: _ClassVar[int]
+    CSI_FIELD_NUMBER: _ClassVar[int]
+    PILOTS_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    SNR_TRACE_DB_FIELD_NUMBER: _ClassVar[int]
+    TRACE_STEP_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     params: _containers.ScalarMap[str, float]
     bandwidth_hz: float
@@ -41,7 +46,12 @@ class ChannelSpec(_message.Message):
     seed: int
     fec: str
     code_rate: float
-    def __init__(self, model: _Optional[str] = ..., params: _Optional[_Mapping[str, float]] = ..., bandwidth_hz: _Optional[float] = ..., delay_ms: _Optional[float] = ..., modulation: _Optional[str] = ..., seed: _Optional[int] = ..., fec: _Optional[str] = ..., code_rate: _Optional[float] = ...) -> None: ...
+    csi: str
+    pilots: int
+    feedback_delay_ms: float
+    snr_trace_db: _containers.RepeatedScalarFieldContainer[float]
+    trace_step_ms: float
+    def __init__(self, model: _Optional[str] = ..., params: _Optional[_Mapping[str, float]] = ..., bandwidth_hz: _Optional[float] = ..., delay_ms: _Optional[float] = ..., modulation: _Optional[str] = ..., seed: _Optional[int] = ..., fec: _Optional[str] = ..., code_rate: _Optional[float] = ..., csi: _Optional[str] = ..., pilots: _Optional[int] = ..., feedback_delay_ms: _Optional[float] = ..., snr_trace_db: _Optional[_Iterable[float]] = ..., trace_step_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "seed", "steps", "guidance_scale", "codec", "codec_params", "channel", "split_step", "reference", "height", "width", "csi")
