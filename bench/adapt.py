@@ -196,7 +196,7 @@ def run(out_dir: Path, *, mode: str = "full", n_images: int | None = None, snrs:
     link = Link()
     # Restrict the table to the candidates the benchmark could send (a --schemes filter narrows both).
     table = AdaptationTable(table.metric, {ch: [s for s in table.channels.get(ch, []) if s.name in sweep.schemes]
-                                           for ch in channels}, table.margin_db)
+                                           for ch in channels}, table.margin_db, table.estimate_std_db)
     rows = [r for ch in channels for r in sweep_rows(sweep, table, ch, budget, seed, link)]
     trace_out, curves = [], []
     for ch in channels:
@@ -206,7 +206,7 @@ def run(out_dir: Path, *, mode: str = "full", n_images: int | None = None, snrs:
             curves.append(c)
     meta = {"mode": mode, "n_images": n, "first_image": FIRST_IMAGE, "source": held.source, "model": root.name,
             "budget": budget, "snrs": list(snr_list), "channels": list(channels), "traces": list(traces),
-            "margin_db": table.margin_db, "seed": seed, "jobs": jobs, "command": command,
+            "margin_db": table.margin_db, "estimate_std_db": table.estimate_std_db, "seed": seed, "jobs": jobs, "command": command,
             "seconds": time.monotonic() - t0}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "adapt.csv", "json": out_dir / "adapt.json", "md": out_dir / "adapt.md",
@@ -261,11 +261,14 @@ def verdicts(rows: list[dict[str, object]], traces: list[dict[str, object]]) -> 
 
 def report(rows: list[dict[str, object]], traces: list[dict[str, object]], meta: dict[str, object]) -> list[str]:
     snrs = [float(s) for s in meta["snrs"]]  # type: ignore[union-attr]
+    spread = ", ".join(f"{k} ±{v:g} dB" for k, v in meta["estimate_std_db"].items()) or \
+        f"none: digital schemes judged {meta['margin_db']:g} dB lower"  # type: ignore[union-attr]
     lines = ["# `meg bench adapt`: link adaptation against every fixed scheme", "",
              f"Mode {meta['mode']}: {meta['n_images']} held-out diffusion latents of `{meta['model']}` (prompts "
              f"{meta['first_image']}… of the held-out set, disjoint from the {meta['first_image']} that "
              f"`meg bench snr` measured the table on), budget {meta['budget']:g} channel uses per image (side "
-             f"information included), digital schemes judged {meta['margin_db']:g} dB below the estimate, "
+             f"information included), each scheme judged by its expected quality over the estimate's spread "
+             f"({spread}), "
              f"{meta['seconds']:.0f} s with {meta['jobs']} worker processes.", "",
              f"Reproduce: `{meta['command']}`. The set-up is in the module docstring of `bench/adapt.py`: the "
              "table auto uses is the codec set's `adaptation.json`; each image's SNR estimate comes from pilots "

@@ -492,6 +492,24 @@ def run_tasks(family: Family, held: HeldOut, tasks: list[GridTask], seed: int = 
     return rows
 
 
+def estimate_spread_db(channels: tuple[str, ...], seed: int = 0, probes: int = 200,
+                       snrs: tuple[float, ...] = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)) -> dict[str, float]:
+    """Per channel model, the RMS error (dB) of the emulator's pilot-based SNR estimate (:meth:`Link.probe`,
+    ``csi: "estimated"``, default pilots) over the SNRs where digital cliffs lie: what link adaptation must
+    expect an estimate to stray by."""
+    link, out = Link(), {}
+    for ci, channel in enumerate(channels):
+        if is_noiseless(channel):
+            continue
+        errors = []
+        for snr in snrs:
+            spec = ChannelSpec.create(channel, snr_db=snr, csi="estimated")
+            gen = cell_generator(seed, 4242, ci, int(snr * 4))
+            errors += [link.probe(spec, gen)[0] - snr for _ in range(probes)]  # type: ignore[operator]
+        out[channel] = round(float(np.sqrt(np.mean(np.square(errors)))), 2)
+    return out
+
+
 def noise_key(channel: str, snr_db: float) -> tuple[int, int]:
     """The key of a (channel, SNR) cell's random stream: every scheme at that cell sees the same noise."""
     return (CHANNELS.index(channel) if channel in CHANNELS else 100 + len(channel), int(round(snr_db * 4)) + 1000)
@@ -895,7 +913,8 @@ def run(quick: bool, out_dir: Path, *, n_images: int | None = None, snrs: tuple[
              "adaptation": out_dir / "snr_adaptation.json"}
     write_csv(rows + cliffs, paths["csv"])
     # The link-adaptation table of codec "auto" (copy it into the model's codec set to serve it).
-    paths["adaptation"].write_text(table_from_snr_csv(paths["csv"]).to_json())
+    paths["adaptation"].write_text(table_from_snr_csv(
+        paths["csv"], estimate_std_db=estimate_spread_db(channels, seed)).to_json())
     shown = [r for r in rows if not r.get("_envelope")]  # envelope members: in the CSV, summarised by the envelope
     plot(shown, channels, paths["png"])
     write_markdown(shown, meta, channels, snr_list, paths["md"])

@@ -6,10 +6,13 @@ payload over LDPC QPSK r1/2 is a different scheme from the same payload over 16Q
 per channel model, each scheme's measured quality (image PSNR) on an SNR grid and its channel uses per image;
 between grid points quality is interpolated linearly, outside the grid it is held at the nearest point.
 
-Why a margin: a digital scheme falls off a cliff one or two dB below its threshold, and the estimate comes
-from a few pilots and is fed back with a delay; judging digital schemes at ``estimate - margin_db`` keeps an
-estimate that is slightly optimistic from choosing a scheme that will then fail. Analog schemes degrade
-gracefully and are judged at the estimate itself.
+Why an expectation over the estimate's error: a digital scheme falls off a cliff within a dB, and the estimate
+comes from a few pilots (and, on a changing channel, is stale), so a scheme just above its cliff at the
+estimate fails whenever the truth is a little lower. When the table knows how far an estimate strays on a
+channel (``estimate_std_db``, measured from the emulator's own probe), every scheme is judged by its expected
+quality over SNR ~ N(estimate, std²) (Gauss–Hermite): a cliff close below the estimate costs what it is
+likely to cost, no more. ``margin_db`` (digital schemes judged that much lower) is the blunt older rule, kept
+for tables without a spread. With perfect CSI neither applies.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numpy.polynomial.hermite_e import hermegauss
 
 from codec.base import CodecError
 
@@ -28,6 +32,9 @@ from codec.base import CodecError
 AUTO = "auto"
 #: Expected qualities this close to the best count as a tie, broken by fewer channel uses.
 TIE_DB = 0.1
+#: Nodes and weights of E[f(Z)], Z ~ N(0, 1) (probabilists' Gauss–Hermite, 9 points).
+_GH_NODES, _GH_WEIGHTS = hermegauss(9)
+_GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
 #: File name of the table inside a codec set folder.
 TABLE_FILE = "adaptation.json"
 
@@ -63,12 +70,16 @@ class AdaptationTable:
     metric: str
     channels: dict[str, list[Scheme]]
     margin_db: float = 1.0
+    #: How far a pilot-based estimate strays from the true SNR, per channel model (dB, one std).
+    estimate_std_db: dict[str, float] = field(default_factory=dict)
 
-    def choose(self, channel: str, snr_estimate_db: float | None, budget_symbols: float | None = None) -> Choice:
+    def choose(self, channel: str, snr_estimate_db: float | None, budget_symbols: float | None = None,
+               estimated: bool = True) -> Choice:
         """The scheme with the highest expected quality that fits ``budget_symbols`` (within :data:`TIE_DB` of
         it: the one with the fewest channel uses).
 
-        ``snr_estimate_db`` None means a noiseless link: every scheme is judged at its best SNR.
+        ``snr_estimate_db`` None means a noiseless link: every scheme is judged at its best SNR. ``estimated``
+        False means the SNR is known exactly (perfect CSI): no spread and no margin.
         """
         schemes = self.channels.get(channel) or self.channels.get("awgn")
         if not schemes:
@@ -78,27 +89,33 @@ class AdaptationTable:
             cheapest = min(s.symbols for s in schemes)
             raise CodecError(f"codec_params.budget_symbols: {budget_symbols:g} channel uses fit no scheme "
                              f"(the cheapest needs {cheapest:g})")
+        spread = self.estimate_std_db.get(channel, 0.0) if estimated else 0.0
+        margin = self.margin_db if estimated and not spread else 0.0
 
-        def judged_at(s: Scheme) -> float:
+        def value(s: Scheme) -> float:
             if snr_estimate_db is None:
-                return max(s.snr_db)
-            return snr_estimate_db - (self.margin_db if s.kind == "digital" else 0.0)
+                return s.expected(max(s.snr_db))
+            at = snr_estimate_db - (margin if s.kind == "digital" else 0.0)
+            if spread <= 0.0:
+                return s.expected(at)
+            return float(np.dot(_GH_WEIGHTS, [s.expected(at + spread * z) for z in _GH_NODES]))
 
-        top = max(s.expected(judged_at(s)) for s in fits)
+        values = {s.name: value(s) for s in fits}
+        top = max(values.values())
         # Within TIE_DB of the best, the scheme with the fewest channel uses: 0.001 dB is not worth 20× the airtime.
-        near = [s for s in fits if s.expected(judged_at(s)) >= top - TIE_DB]
-        best = min(near, key=lambda s: (s.symbols, -s.expected(judged_at(s))))
-        expected = best.expected(judged_at(best))
+        best = min((s for s in fits if values[s.name] >= top - TIE_DB), key=lambda s: (s.symbols, -values[s.name]))
+        expected = values[best.name]
         at = "a noiseless link" if snr_estimate_db is None else f"estimated {snr_estimate_db:.1f} dB"
-        runner_up = max((s for s in fits if s is not best), key=lambda s: s.expected(judged_at(s)), default=None)
-        versus = (f"; next best {runner_up.name} {runner_up.expected(judged_at(runner_up)):.1f}"
-                  if runner_up is not None else "")
-        margin = f" (digital judged {self.margin_db:g} dB lower)" if snr_estimate_db is not None else ""
-        return Choice(best, expected, f"{at} on {channel}{margin}: {best.name} expects {self.metric} "
+        runner_up = max((s for s in fits if s is not best), key=lambda s: values[s.name], default=None)
+        versus = f"; next best {runner_up.name} {values[runner_up.name]:.1f}" if runner_up is not None else ""
+        how = (f" (expected over the estimate's ±{spread:g} dB)" if spread and snr_estimate_db is not None else
+               f" (digital judged {margin:g} dB lower)" if margin and snr_estimate_db is not None else "")
+        return Choice(best, expected, f"{at} on {channel}{how}: {best.name} expects {self.metric} "
                                       f"{expected:.1f}{versus}")
 
     def to_json(self) -> str:
         return json.dumps({"metric": self.metric, "margin_db": self.margin_db,
+                           "estimate_std_db": self.estimate_std_db,
                            "channels": {ch: [asdict(s) for s in schemes] for ch, schemes in self.channels.items()}},
                           indent=1)
 
@@ -111,7 +128,8 @@ class AdaptationTable:
             raw = json.loads(path.read_text(encoding="utf-8"))
             channels = {ch: [Scheme(**{**s, "snr_db": tuple(s["snr_db"]), "quality": tuple(s["quality"])})
                              for s in schemes] for ch, schemes in raw["channels"].items()}
-            return cls(str(raw["metric"]), channels, float(raw.get("margin_db", 1.0)))
+            return cls(str(raw["metric"]), channels, float(raw.get("margin_db", 1.0)),
+                       {str(k): float(v) for k, v in raw.get("estimate_std_db", {}).items()})
         except (ValueError, KeyError, TypeError) as exc:
             raise CodecError(f"codec: adaptation table {path} is malformed: {exc}") from exc
 
@@ -139,7 +157,8 @@ def scheme_of(name: str) -> tuple[str, dict[str, object], dict[str, str]] | None
     return m["codec"], link, ({"learned_quality": m["q"]} if m["q"] else {})
 
 
-def table_from_snr_csv(path: Path, metric: str = "psnr_db", margin_db: float = 1.0) -> AdaptationTable:
+def table_from_snr_csv(path: Path, metric: str = "psnr_db", margin_db: float = 1.0,
+                       estimate_std_db: dict[str, float] | None = None) -> AdaptationTable:
     """Build the table from ``bench/results/snr.csv`` (one row per scheme, channel and SNR)."""
     curves: dict[tuple[str, str], list[tuple[float, float, float, str]]] = {}
     with open(path, newline="") as f:
@@ -157,4 +176,4 @@ def table_from_snr_csv(path: Path, metric: str = "psnr_db", margin_db: float = 1
         channels.setdefault(channel, []).append(Scheme(
             name, codec_name, points[0][3], max(p[2] for p in points), tuple(p[0] for p in points),
             tuple(p[1] for p in points), dict(link), dict(params)))
-    return AdaptationTable(metric, channels, margin_db)
+    return AdaptationTable(metric, channels, margin_db, dict(estimate_std_db or {}))

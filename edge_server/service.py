@@ -216,7 +216,9 @@ class EdgeApi(StreamingApi[meg_pb2.GenerateRequest, EdgeWork, EdgeResult, meg_pb
         budget = float(params["budget_symbols"]) if "budget_symbols" in params else None
         if self._adaptation is None:
             self._adaptation = AdaptationTable.load(self.codec_set_dir / ADAPTATION_TABLE)
-        picked = self._adaptation.choose(request.channel.model or "ideal", snr, budget)
+        # Only an estimate from pilots strays; with perfect CSI the emulator reports the true SNR (0 pilots).
+        estimated = request.HasField("csi") and request.csi.pilot_symbols > 0
+        picked = self._adaptation.choose(request.channel.model or "ideal", snr, budget, estimated)
         link = picked.scheme.link
         message = meg_pb2.CodecChoice(
             chosen=picked.scheme.name, reason=picked.reason, snr_estimate_db=snr if snr is not None else math.inf,
