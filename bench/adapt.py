@@ -16,7 +16,9 @@ Set-up (issue 14):
 * **Estimation error**: per image the receiver estimates the SNR from pilots (:meth:`radio.link.Link.probe`
   with ``csi: "estimated"``: 8 pilots in each of 8 blocks, as the emulator does) and ``auto`` chooses at that
   estimate (:meth:`codec.adaptation.AdaptationTable.choose`, the edge's own code). The JSCC links of every
-  scheme are conditioned on the true SNR; the estimate only drives the choice.
+  scheme are conditioned on the true SNR; the estimate only drives the choice. The probe's 64 pilot symbols
+  are not charged to ``auto``'s budget here: a receiver tracks the channel across many transmissions, so a
+  request's share of them is small (the live emulator does count them in ``symbols_sent``).
 * **Channels that change**: named SNR traces (:mod:`radio.trace`), one image per trace step, each step snapped
   to the sweep's grid (so its images are the sweep's). ``auto`` chooses from the estimate of the *previous*
   step: on the live testbed the estimate is taken when the request arrives and the payload leaves after the

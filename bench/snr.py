@@ -934,7 +934,8 @@ def main(argv: list[str] | None = None) -> int:
         n_images, source, snrs = n_images or SMOKE_IMAGES, source or "vae", snrs or SMOKE_SNRS_DB
     run(args.quick or args.smoke, args.out, n_images=n_images, snrs=snrs, channels=tuple(args.channels or CHANNELS),
         schemes=args.schemes, source=source, seed=args.seed, progress=not args.no_progress,
-        mode="smoke" if args.smoke else None, jobs=args.jobs, cliff_step_db=None if args.smoke else 0.5,
+        mode="smoke" if args.smoke else None, cliff_step_db=None if args.smoke else 0.5,
+        jobs=1 if args.smoke else args.jobs,  # a smoke run is over before two workers have loaded the model
         command=" ".join(["meg bench snr", *(argv if argv is not None else sys.argv[1:])]))
     return 0
 
