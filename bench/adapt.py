@@ -188,13 +188,11 @@ def run(out_dir: Path, *, mode: str = "full", n_images: int | None = None, snrs:
         raise SystemExit(f"meg bench adapt: no scheme of the table fits {budget:g} channel uses")
     logger.info("bench adapt: %d latents, %d candidate schemes within %g channel uses, SNRs %s", n, len(chosen),
                 budget, snr_list)
-    grid_rows = run_grid(family, held, chosen, channels, snr_list, seed, progress, None, jobs)
-    sweep = Sweep(snr_list, [s.name for s in chosen], {ch: {} for ch in channels})
-    for ch in channels:
-        for s in chosen:
-            sweep.psnr[ch][s.name] = np.stack([next(r["_psnr"] for r in grid_rows if r["scheme"] == s.name
-                                                    and r["channel"] == ch and r["snr_db"] == snr)
-                                               for snr in snr_list])
+    per_image = {(r["channel"], r["scheme"], r["snr_db"]): r["_psnr"]
+                 for r in run_grid(family, held, chosen, channels, snr_list, seed, progress, None, jobs)}
+    sweep = Sweep(snr_list, [s.name for s in chosen],
+                  {ch: {s.name: np.stack([per_image[(ch, s.name, snr)] for snr in snr_list]) for s in chosen}
+                   for ch in channels})
     link = Link()
     # Restrict the table to the candidates the benchmark could send (a --schemes filter narrows both).
     table = AdaptationTable(table.metric, {ch: [s for s in table.channels.get(ch, []) if s.name in sweep.schemes]
@@ -208,8 +206,8 @@ def run(out_dir: Path, *, mode: str = "full", n_images: int | None = None, snrs:
             curves.append(c)
     meta = {"mode": mode, "n_images": n, "first_image": FIRST_IMAGE, "source": held.source, "model": root.name,
             "budget": budget, "snrs": list(snr_list), "channels": list(channels), "traces": list(traces),
-            "margin_db": table.margin_db, "estimate_std_db": table.estimate_std_db, "seed": seed, "jobs": jobs, "command": command,
-            "seconds": time.monotonic() - t0}
+            "margin_db": table.margin_db, "estimate_std_db": table.estimate_std_db, "seed": seed, "jobs": jobs,
+            "command": command, "seconds": time.monotonic() - t0}
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "adapt.csv", "json": out_dir / "adapt.json", "md": out_dir / "adapt.md",
              "png": out_dir / "adapt.png"}

@@ -50,7 +50,7 @@ from codec.adaptation import table_from_snr_csv
 from codec.base import CodecError
 from codec.image_sets import image_set_dir
 from device_client.receiver import link_may_have_damaged, receive_features
-from radio import ChannelSpec, is_noiseless
+from radio import ChannelSpec, channel_names, is_noiseless
 from radio.link import Link
 from wire.payload import EncodedPayload
 from models import DEFAULT_MODEL_DIR
@@ -79,11 +79,15 @@ ENVELOPE_MODULATIONS = ("qpsk", "16qam", "64qam")
 ENVELOPE_RATES = ("1/2", "3/4")
 #: Channel-use budgets per image, in channel uses per latent value: E2E-MEG's own (0.25) and twice it.
 BUDGET_USES_PER_VALUE = (0.25, 0.5)
-#: the paper's FID curve (REFERENCES.md), SNR −20…20 dB in 5 dB steps
 #: Images the digital cliffs are measured again on (the first of the held-out set: one per label combination).
 CLIFF_IMAGES = 54
 #: E2E-MEG whose merging is learned inside the JSCC network (nothing to send; issue 14's cheap side information).
 LEARNED_MERGE = "E2E-MEG (learned merge)"
+#: The learned analog links: (codec preset, JSCC weights in the codec set, scheme name).
+JSCC_SCHEMES = (("jscc", "jscc_full", "JSCC (no merge)"), ("e2e-meg", "jscc_e2e", "E2E-MEG"),
+                ("e2e-meg-fixed", "jscc_e2e_fixed", "E2E-MEG (fixed merge map)"),
+                ("e2e-meg-learned", "jscc_e2e_learned", LEARNED_MERGE))
+#: the paper's FID curve (REFERENCES.md), SNR −20…20 dB in 5 dB steps
 PAPER_FID = {"MEG-DT": (197.7, 187.5, 41.4, 3.5, 5.9, 4.0, 2.6, 1.8, 1.5),
              "E2E-MEG-DT": (176.5, 147.1, 6.2, 6.2, 7.3, 6.0, 5.1, 4.7, 4.8)}
 
@@ -174,9 +178,7 @@ def available_schemes(family: Family, with_jscc_full: bool = True) -> list[Schem
     from codec.jscc import JsccNet
     from codec.transforms import resolve_weights_file
 
-    for name, model, label in (("jscc", "jscc_full", "JSCC (no merge)"), ("e2e-meg", "jscc_e2e", "E2E-MEG"),
-                               ("e2e-meg-fixed", "jscc_e2e_fixed", "E2E-MEG (fixed merge map)"),
-                               ("e2e-meg-learned", "jscc_e2e_learned", "E2E-MEG (learned merge)")):
+    for name, model, label in JSCC_SCHEMES:
         if name == "jscc" and not with_jscc_full:
             continue
         try:
@@ -512,7 +514,9 @@ def estimate_spread_db(channels: tuple[str, ...], seed: int = 0, probes: int = 2
 
 def noise_key(channel: str, snr_db: float) -> tuple[int, int]:
     """The key of a (channel, SNR) cell's random stream: every scheme at that cell sees the same noise."""
-    return (CHANNELS.index(channel) if channel in CHANNELS else 100 + len(channel), int(round(snr_db * 4)) + 1000)
+    # AWGN and Rayleigh keep the keys 0 and 1 of the committed runs; another model takes one of its own.
+    known = CHANNELS.index(channel) if channel in CHANNELS else 100 + sorted(channel_names()).index(channel)
+    return known, int(round(snr_db * 4)) + 1000
 
 
 def task_rows(family: Family, held: HeldOut, task: GridTask, seed: int, ref: ReferenceStats,
@@ -545,10 +549,11 @@ def cliff_tasks(schemes: list[Scheme], rows: list[dict[str, object]], step_db: f
     """Issue 16: locate each digital scheme's cliff on a ``step_db`` grid. Per digital scheme and channel, the
     coarse interval with the largest PSNR jump (at least ``min_jump_db``) is measured again every ``step_db``."""
     tasks = []
+    channels = list(dict.fromkeys(str(r["channel"]) for r in rows))
     for scheme in schemes:
         if scheme.kind != "digital":
             continue
-        for ch in dict.fromkeys(str(r["channel"]) for r in rows):
+        for ch in channels:
             pts = sorted((float(r["snr_db"]), float(r["psnr_db"])) for r in rows  # type: ignore[arg-type]
                          if r["scheme"] == scheme.name and r["channel"] == ch)
             jumps = [(b[1] - a[1], a[0], b[0]) for a, b in zip(pts, pts[1:])]
@@ -801,13 +806,12 @@ def training_ranges(schemes: list[str], snrs: tuple[float, ...]) -> list[str]:
 
     weights = image_set_dir(DEFAULT_MODEL_DIR)
     parts = [("MEG (analog)", "robust decoder", tuple(ROBUST_RANGE))]
-    for label, model in (("JSCC (no merge)", "full"), ("E2E-MEG", "e2e"), ("E2E-MEG (fixed merge map)", "e2e_fixed"),
-                         ("E2E-MEG (learned merge)", "e2e_learned")):
+    for _, model, label in JSCC_SCHEMES:
         try:
-            cfg = JsccNet.load(resolve_weights_file(model, "jscc_", ".safetensors", weights)).config
+            cfg = JsccNet.load(resolve_weights_file(model[len("jscc_"):], "jscc_", ".safetensors", weights)).config
         except CodecError:
             continue
-        parts.append((label, f"jscc_{model} link", tuple(cfg.get("snr_range_db", (float("nan"),) * 2))))
+        parts.append((label, f"{model} link", tuple(cfg.get("snr_range_db", (float("nan"),) * 2))))
     out = ["## Training SNR ranges", ""]
     for label, what, (lo, hi) in parts:
         if label not in schemes:
@@ -896,7 +900,7 @@ def run(quick: bool, out_dir: Path, *, n_images: int | None = None, snrs: tuple[
         # The adaptation table needs each digital cliff to within half a dB, not the 5 dB of the report's grid.
         sub = HeldOut(held.latents[:CLIFF_IMAGES], held.reference[:CLIFF_IMAGES], held.labels[:CLIFF_IMAGES],
                       held.source)
-        tasks = cliff_tasks(chosen, [r for r in rows if r["scheme"] in {s.name for s in chosen}], cliff_step_db)
+        tasks = cliff_tasks(chosen, rows, cliff_step_db)
         logger.info("bench snr: %d digital cliffs measured again every %g dB on %d images", len(tasks),
                     cliff_step_db, len(sub.latents))
         cliffs = run_tasks(family, sub, tasks, seed, progress, payload_cache, jobs)

@@ -26,12 +26,15 @@ STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 def _channel_field(spec: Any, models: list[str]) -> tuple[Any, Any]:
-    bounds = {} if spec.kind is str else {k: v for k, v in (("ge", spec.lo), ("le", spec.hi)) if v is not None}
-    kind: Any = {float: float, int: int, str: str, list: list[Annotated[float, Field(**bounds)]]}[spec.kind]
+    value_bounds = {} if spec.kind is str else {k: v for k, v in (("ge", spec.lo), ("le", spec.hi)) if v is not None}
+    kind: Any
+    bounds: dict[str, Any]
+    if spec.kind is list:  # a list of numbers, each within the field's range
+        kind, bounds = list[Annotated[float, Field(**value_bounds)]], {"min_length": 1, "max_length": MAX_LIST_LENGTH}
+    else:
+        kind, bounds = {float: float, int: int, str: str}[spec.kind], value_bounds
     if spec.choices:
         kind = Literal[spec.choices]  # type: ignore[valid-type]
-    if spec.kind is list:
-        bounds = {"min_length": 1, "max_length": MAX_LIST_LENGTH}
     takes = "" if set(models) == set(channel_names()) else f" [{', '.join(models)}]"
     default = f"; default {spec.default}" if spec.default not in (None, "") else ""
     return kind | None, Field(None, description=f"{spec.help}{default}{takes}", **bounds)
